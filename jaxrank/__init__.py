@@ -1,0 +1,50 @@
+"""jaxrank: dynamic-rank LoRA for JAX/Flax.
+
+The whole public API, on one screen.
+"""
+
+from jaxrank._adapter import LoRA
+from jaxrank._adapter import delta_kernel
+from jaxrank._budget import budget_threshold
+from jaxrank._budget import top_budget_masks
+from jaxrank._regularizers import orthogonality_penalty
+from jaxrank._variables import AdapterLayer
+from jaxrank._variables import adapter_layers
+from jaxrank._variables import collection_labels
+from jaxrank._variables import count_parameters
+from jaxrank._variables import effective_parameter_count
+from jaxrank._variables import join_variables
+from jaxrank._variables import rank_masks
+from jaxrank._variables import rank_pattern
+from jaxrank._variables import split_variables
+from jaxrank._variables import trainable_parameter_count
+from jaxrank._wrap import Adapted
+from jaxrank._wrap import TargetMatcher
+from jaxrank._wrap import wrap
+from jaxrank.export import compact
+from jaxrank.export import merge
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "Adapted",
+    "AdapterLayer",
+    "LoRA",
+    "TargetMatcher",
+    "adapter_layers",
+    "budget_threshold",
+    "collection_labels",
+    "compact",
+    "count_parameters",
+    "delta_kernel",
+    "effective_parameter_count",
+    "join_variables",
+    "merge",
+    "orthogonality_penalty",
+    "rank_masks",
+    "rank_pattern",
+    "split_variables",
+    "top_budget_masks",
+    "trainable_parameter_count",
+    "wrap",
+)

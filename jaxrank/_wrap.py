@@ -1,0 +1,249 @@
+"""``wrap``: add adapters to any Flax Linen model without touching its code.
+
+The returned module runs the base model inside ``flax.linen.intercept_methods``. The
+interceptor is entered *inside* the wrapped module's ``init``/``apply``, so a jitted function
+can never run the model without its adapters (the stale-jit-cache trap of entering an
+interceptor around an already traced ``jax.jit(model.apply)``).
+
+For every targeted ``nn.Dense``/``nn.DenseGeneral``/``nn.Einsum`` call the interceptor creates
+(at ``init``) or reads (at ``apply``) the adapter factors in collection ``lora`` and the gate
+variables in collection ``gates`` *in the layer's own scope*, so adapter paths mirror base
+paths: ``lora/encoder/layer/0/attention/self/query/A``. ``module.scope.variable`` is used so
+layers defined in ``setup`` work as well as ``@nn.compact`` ones.
+
+Example:
+  >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxrank
+  >>> class MLP(nn.Module):
+  ...   @nn.compact
+  ...   def __call__(self, x):
+  ...     return nn.Dense(2, name="out")(nn.relu(nn.Dense(8, name="hidden")(x)))
+  >>> model = jaxrank.wrap(MLP(), targets=["hidden"], adapter=jaxrank.LoRA(rank=4))
+  >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+  >>> sorted(variables), sorted(variables["lora"]["hidden"])
+  (['lora', 'params'], ['A', 'B'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional, Sequence, Union
+
+import flax.errors
+import flax.linen as nn
+
+from jaxrank import _adapter
+from jaxrank import _layers
+
+Targets = Union[str, Sequence[str]]
+
+_SCAN_HINT = (
+    "If the model uses nn.scan (or another lifted transform with `variable_axes`), add the "
+    "adapter collections to it, e.g. nn.scan(Block, variable_axes={'params': 0, 'lora': 0, "
+    "'gates': 0}, split_rngs={'params': True, 'dropout': True}, ...)."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetMatcher:
+  """Which layers get an adapter.
+
+  * ``"all-linear"``: every ``Dense``/``DenseGeneral``/``Einsum`` except the task output head
+    (a layer named ``lm_head``, ``classifier``, ``score`` or ``qa_outputs``), as in PEFT.
+  * a list of names (PEFT ``target_modules`` meaning): a name matches a layer whose
+    ``/``-joined path equals it or ends with ``/name`` (``"query"`` matches
+    ``encoder/layer/0/attention/self/query``).
+  * any other string: a regular expression that must match the whole ``/``-joined path.
+  """
+
+  targets: Targets
+
+  def __post_init__(self):
+    targets = self.targets
+    if isinstance(targets, str):
+      if targets != "all-linear":
+        try:
+          re.compile(targets)
+        except re.error as e:
+          raise ValueError(f"targets={targets!r} is not a valid regular expression: {e}") from e
+    else:
+      targets = tuple(targets)
+      if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(
+            f"targets must be 'all-linear', a regex string or a non-empty list of layer "
+            f"names, got {self.targets!r}."
+        )
+      object.__setattr__(self, "targets", targets)
+
+  @property
+  def patterns(self) -> tuple[str, ...]:
+    return (self.targets,) if isinstance(self.targets, str) else self.targets
+
+  def matching_patterns(self, path: tuple[str, ...]) -> tuple[str, ...]:
+    joined = "/".join(path)
+    if self.targets == "all-linear":
+      return () if _layers.is_output_head(path) else ("all-linear",)
+    if isinstance(self.targets, str):
+      return (self.targets,) if re.fullmatch(self.targets, joined) else ()
+    return tuple(
+        name for name in self.targets if joined == name or joined.endswith("/" + name)
+    )
+
+
+class _Trace:
+  """What one init/apply call saw: linear layers and which patterns matched."""
+
+  def __init__(self):
+    self.linear_paths: list[str] = []
+    self.matched: set[str] = set()
+
+
+def _rng_for(module: nn.Module):
+  def rng_for(name: str):
+    return module.make_rng(name) if module.scope.has_rng(name) else None
+
+  return rng_for
+
+
+def _variable(module: nn.Module, collection: str, name: str, init_fn):
+  try:
+    return module.scope.variable(collection, name, init_fn).value
+  except (flax.errors.ScopeCollectionNotFound, flax.errors.ScopeVariableNotFoundError) as e:
+    path = "/".join(module.path)
+    if module.is_initializing():
+      raise ValueError(
+          f"jaxrank could not create {collection}/{path}/{name}: the collection {collection!r} "
+          f"is not available inside this part of the model. {_SCAN_HINT}"
+      ) from e
+    raise ValueError(
+        f"jaxrank found no {collection}/{path}/{name} in the variables passed to apply. Pass "
+        f"all collections returned by the wrapped model's init ('params', 'lora', 'gates'), "
+        f"e.g. model.apply({{**frozen, **trainable}}, ...). {_SCAN_HINT}"
+    ) from e
+
+
+def adapter_branch(module: nn.Module, adapter: _adapter.LoRA, layout: _layers.Layout, x):
+  """``scale * ((dropout(x) @ down) * gate) @ up`` for one bound linear ``module``."""
+  in_shape, out_shape = layout.in_shape, layout.out_shape
+  rng = lambda: module.make_rng("params")
+  down = _variable(module, "lora", adapter.down_name, lambda: adapter.init_down(rng(), in_shape))
+  up = _variable(module, "lora", adapter.up_name, lambda: adapter.init_up(rng(), out_shape))
+  initial_gates = {}  # filled once, at init, by the first gate variable created
+
+  def init_gate(name):
+    if not initial_gates:
+      initial_gates.update(adapter.init_gates(rng()))
+    return initial_gates[name]
+
+  gates = {
+      name: _variable(module, "gates", name, lambda name=name: init_gate(name))
+      for name in adapter.gate_names
+  }
+  rng_for = _rng_for(module)
+  dtype = adapter.compute_dtype(x)
+  x = adapter.dropout_input(x.astype(dtype), rng_for)
+  hidden = layout.project_down(x, down.astype(dtype))
+  gate = adapter.gate(gates, rng_for)
+  if gate is not None:
+    hidden = hidden * gate.astype(dtype)
+  return layout.project_up(hidden, up.astype(dtype)) * adapter.scale
+
+
+def _make_interceptor(adapter: _adapter.LoRA, matcher: TargetMatcher, trace: _Trace):
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, _layers.LINEAR_TYPES):
+      return next_fun(*args, **kwargs)
+    path = tuple(module.path)
+    trace.linear_paths.append("/".join(path))
+    patterns = matcher.matching_patterns(path)
+    if not patterns:
+      return next_fun(*args, **kwargs)
+    trace.matched.update(patterns)
+    layout = _layers.layout_for(module, args, kwargs)
+    x = args[0] if args else kwargs["inputs"]
+    y = next_fun(*args, **kwargs)
+    return y + adapter_branch(module, adapter, layout, x).astype(y.dtype)
+
+  return interceptor
+
+
+class Adapted(nn.Module):
+  """A Linen module that behaves like ``model`` plus adapters on the targeted layers.
+
+  Build it with :func:`wrap`. Its ``params`` tree is exactly ``model``'s (the scopes are
+  shared); ``init`` adds the collections ``lora`` and ``gates``.
+  """
+
+  model: nn.Module
+  adapter: _adapter.LoRA
+  matcher: TargetMatcher
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.scope is not None:
+      nn.share_scope(self, self.model)
+
+  def __call__(self, *args, **kwargs):
+    trace = _Trace()
+    with nn.intercept_methods(_make_interceptor(self.adapter, self.matcher, trace)):
+      out = self.model(*args, **kwargs)
+    if self.is_initializing():
+      _check_matches(self.matcher, trace)
+    return out
+
+
+def _check_matches(matcher: TargetMatcher, trace: _Trace):
+  missing = [p for p in matcher.patterns if p not in trace.matched]
+  if not missing:
+    return
+  seen = sorted(set(trace.linear_paths))
+  listing = "\n  ".join(seen) if seen else "(none: the model called no nn.Dense/DenseGeneral/Einsum)"
+  raise ValueError(
+      f"jaxrank.wrap: target pattern(s) {missing} matched no linear layer. A name matches a "
+      f"path's last components (PEFT target_modules), a single string other than "
+      f"'all-linear' is a regex over the whole path. The linear layers of this model are:\n  "
+      f"{listing}"
+  )
+
+
+def wrap(
+    model: nn.Module,
+    targets: Targets = "all-linear",
+    adapter: Optional[_adapter.LoRA] = None,
+) -> Adapted:
+  """Returns ``model`` with an adapter on every targeted linear layer.
+
+  Args:
+    model: any Flax Linen module (for a Hugging Face Flax model, pass ``hf_model.module``).
+    targets: ``"all-linear"``, a list of layer names with PEFT ``target_modules`` meaning
+      (each matches the end of a layer's path), or a regex over the whole ``/``-joined path.
+      A pattern that matches no layer raises a ``ValueError`` listing the layers that exist.
+    adapter: an adapter spec such as :class:`jaxrank.LoRA` (the default, ``LoRA()``),
+      :class:`jaxrank.SoRA`, ... .
+
+  Returns:
+    An :class:`Adapted` module. Its ``init`` returns ``params`` (the base model's, same
+    paths), ``lora`` and (for gated adapters) ``gates``; its ``apply`` adds the adapters'
+    outputs. Stochastic parts run only when their rng stream is passed: adapter dropout
+    with ``rngs={'dropout': key}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxrank
+    >>> model = jaxrank.wrap(nn.Dense(4), adapter=jaxrank.LoRA(rank=2))
+    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> base = nn.Dense(4).apply({"params": variables["params"]}, jnp.ones((1, 3)))
+    >>> bool(jnp.allclose(model.apply(variables, jnp.ones((1, 3))), base))
+    True
+  """
+  if not isinstance(model, nn.Module):
+    raise TypeError(
+        f"jaxrank.wrap expects a flax.linen.Module, got {type(model).__name__}. For a Hugging "
+        "Face Flax model pass `hf_model.module`."
+    )
+  if adapter is None:
+    adapter = _adapter.LoRA()
+  if not isinstance(adapter, _adapter.LoRA):
+    raise TypeError(f"adapter must be a jaxrank adapter spec such as jaxrank.LoRA(), got {adapter!r}")
+  return Adapted(model=model, adapter=adapter, matcher=TargetMatcher(targets))
+
