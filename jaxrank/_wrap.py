@@ -171,23 +171,25 @@ def _make_interceptor(adapter: _adapter.LoRA, matcher: TargetMatcher, trace: _Tr
 class Adapted(nn.Module):
   """A Linen module that behaves like ``model`` plus adapters on the targeted layers.
 
-  Build it with :func:`wrap`. Its ``params`` tree is exactly ``model``'s (the scopes are
+  Build it with :func:`wrap`. Its ``params`` tree is exactly the base model's (the scopes are
   shared); ``init`` adds the collections ``lora`` and ``gates``.
   """
 
-  model: nn.Module
+  # The field's name becomes a child name in the shared scope, so it must not collide with
+  # the base model's own children (Hugging Face modules have a child called "model").
+  wrapped_model: nn.Module
   adapter: _adapter.LoRA
   matcher: TargetMatcher
 
   def __post_init__(self):
     super().__post_init__()
     if self.scope is not None:
-      nn.share_scope(self, self.model)
+      nn.share_scope(self, self.wrapped_model)
 
   def __call__(self, *args, **kwargs):
     trace = _Trace()
     with nn.intercept_methods(_make_interceptor(self.adapter, self.matcher, trace)):
-      out = self.model(*args, **kwargs)
+      out = self.wrapped_model(*args, **kwargs)
     if self.is_initializing():
       _check_matches(self.matcher, trace)
     return out
@@ -245,5 +247,5 @@ def wrap(
     adapter = _adapter.LoRA()
   if not isinstance(adapter, _adapter.LoRA):
     raise TypeError(f"adapter must be a jaxrank adapter spec such as jaxrank.LoRA(), got {adapter!r}")
-  return Adapted(model=model, adapter=adapter, matcher=TargetMatcher(targets))
+  return Adapted(wrapped_model=model, adapter=adapter, matcher=TargetMatcher(targets))
 
