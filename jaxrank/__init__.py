@@ -3,6 +3,7 @@
 The whole public API, on one screen.
 """
 
+from jaxrank import checkpoint
 from jaxrank._adapter import LoRA
 from jaxrank._adapter import delta_kernel
 from jaxrank._budget import budget_threshold
@@ -23,6 +24,8 @@ from jaxrank._wrap import TargetMatcher
 from jaxrank._wrap import wrap
 from jaxrank.export import compact
 from jaxrank.export import merge
+from jaxrank.peft_io import load_peft_adapter
+from jaxrank.peft_io import save_peft_adapter
 
 __version__ = "0.1.0"
 
@@ -33,16 +36,19 @@ __all__ = (
     "TargetMatcher",
     "adapter_layers",
     "budget_threshold",
+    "checkpoint",
     "collection_labels",
     "compact",
     "count_parameters",
     "delta_kernel",
     "effective_parameter_count",
     "join_variables",
+    "load_peft_adapter",
     "merge",
     "orthogonality_penalty",
     "rank_masks",
     "rank_pattern",
+    "save_peft_adapter",
     "split_variables",
     "top_budget_masks",
     "trainable_parameter_count",

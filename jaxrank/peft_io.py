@@ -1,0 +1,175 @@
+"""PEFT-format adapters: save a learned jaxrank adapter for PyTorch, load a PEFT LoRA back.
+
+``save_peft_adapter`` compacts the adapter first (dead ranks dropped, gates folded in), then
+writes ``adapter_model.safetensors`` and ``adapter_config.json`` in the layout
+``peft.PeftModel.from_pretrained`` reads: for every adapted ``nn.Dense`` with rank ``r_i > 0``,
+``base_model.model.<module>.lora_A.weight`` (``r_i x in``) and ``...lora_B.weight``
+(``out x r_i``), with ``rank_pattern[module] = r_i`` and ``alpha_pattern[module] = scale · r_i``
+so PEFT's ``alpha / r`` scaling reproduces jaxrank's. Layers whose every rank died are left
+out of ``target_modules``. Module names are the Flax paths with ``/`` replaced by ``.``, which
+is the PyTorch name for Hugging Face models (``bert.encoder.layer.0.attention.self.query``).
+
+Example:
+  >>> import tempfile, jax, jax.numpy as jnp, flax.linen as nn, jaxrank
+  >>> model = jaxrank.wrap(nn.Dense(4, name="proj"), adapter=jaxrank.LoRA(rank=2))
+  >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+  >>> directory = tempfile.mkdtemp()
+  >>> config = jaxrank.save_peft_adapter(directory, model, variables, module_name=lambda p: "proj")
+  >>> config["rank_pattern"], config["alpha_pattern"]
+  ({'proj': 2}, {'proj': 16.0})
+  >>> adapter, lora = jaxrank.load_peft_adapter(directory, module_path=lambda n: n)
+  >>> lora["proj"]["A"].shape
+  (3, 2)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from flax import traverse_util
+
+from jaxrank import _adapter
+from jaxrank import _variables
+from jaxrank import export
+
+_PREFIX = "base_model.model."
+
+
+def _default_module_name(path: str) -> str:
+  return path.replace("/", ".")
+
+
+def save_peft_adapter(
+    directory,
+    model,
+    variables,
+    *,
+    base_model_name_or_path: Optional[str] = None,
+    task_type: Optional[str] = None,
+    module_name: Callable[[str], str] = _default_module_name,
+    modules_to_save: Sequence[str] = (),
+) -> dict:
+  """Writes a PEFT LoRA adapter directory and returns its config dict.
+
+  Args:
+    directory: created if missing.
+    model: the module returned by :func:`jaxrank.wrap` (any method's adapter).
+    variables: its variables.
+    base_model_name_or_path: recorded in the config for PEFT.
+    task_type: PEFT task type, e.g. ``"SEQ_CLS"`` or ``"CAUSAL_LM"``.
+    module_name: maps a Flax layer path (``a/b/c``) to the PyTorch module name.
+    modules_to_save: Flax paths of whole ``nn.Dense`` layers trained in full (a fresh task
+      head such as ``"classifier"``); their ``kernel``/``bias`` from ``variables['params']``
+      are saved as PEFT ``modules_to_save``. PEFT adds ``classifier``/``score`` by itself for
+      ``task_type="SEQ_CLS"``, so list the head then.
+  """
+  from safetensors.numpy import save_file  # the 'hf' extra
+
+  lora_model, compacted, ranks = export.compact(model, variables)
+  plain = lora_model.adapter if hasattr(lora_model, "adapter") else lora_model
+  tensors, rank_pattern, alpha_pattern = {}, {}, {}
+  for path, layer in _variables.adapter_layers(plain, compacted).items():
+    if layer.stacked_axes or len(layer.in_shape) != 1 or len(layer.out_shape) != 1:
+      raise ValueError(
+          f"lora/{path} is not a plain 2-D nn.Dense adapter (stacked by nn.scan, or "
+          "DenseGeneral/Einsum with several axes); PEFT's Linear LoRA cannot hold it. Merge it "
+          "with jaxrank.merge instead."
+      )
+    rank = ranks[path]
+    if rank == 0:
+      continue
+    name = module_name(path)
+    tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(layer.down, np.float32).T)
+    tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(layer.up, np.float32).T)
+    rank_pattern[name] = rank
+    alpha_pattern[name] = float(plain.scale * rank)
+  if not rank_pattern:
+    raise ValueError("Every rank of every layer is dead: there is no adapter to export.")
+  params = traverse_util.flatten_dict(_variables._plain(variables["params"]))
+  saved_modules = []
+  for path in modules_to_save:
+    key = tuple(path.split("/"))
+    if key + ("kernel",) not in params:
+      raise ValueError(f"modules_to_save: params/{path}/kernel does not exist.")
+    name = module_name(path)
+    tensors[f"{_PREFIX}{name}.weight"] = np.ascontiguousarray(np.asarray(params[key + ("kernel",)], np.float32).T)
+    if key + ("bias",) in params:
+      tensors[f"{_PREFIX}{name}.bias"] = np.asarray(params[key + ("bias",)], np.float32)
+    saved_modules.append(name.rsplit(".", 1)[-1])
+  first = next(iter(rank_pattern))
+  config = {
+      "peft_type": "LORA",
+      "task_type": task_type,
+      "base_model_name_or_path": base_model_name_or_path,
+      "r": rank_pattern[first],
+      "lora_alpha": alpha_pattern[first],
+      "lora_dropout": float(plain.dropout),
+      "target_modules": sorted(rank_pattern),
+      "rank_pattern": rank_pattern,
+      "alpha_pattern": alpha_pattern,
+      "bias": "none",
+      "fan_in_fan_out": False,
+      "inference_mode": True,
+      "init_lora_weights": True,
+      "modules_to_save": saved_modules or None,
+  }
+  os.makedirs(directory, exist_ok=True)
+  save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
+  with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return config
+
+
+def _default_module_path(name: str) -> str:
+  return name.replace(".", "/")
+
+
+def load_peft_adapter(
+    directory, *, module_path: Callable[[str], str] = _default_module_path
+) -> tuple[_adapter.LoRA, dict]:
+  """Reads a PEFT LoRA adapter into jaxrank's layout.
+
+  Returns:
+    ``(adapter, lora)``: a :class:`jaxrank.LoRA` spec and the ``lora`` collection for a model
+    wrapped with it (``targets`` = the adapter's layers). PEFT's per-module ``alpha / r`` is
+    folded into ``B`` so one spec (scale 1) serves every rank.
+  """
+  from safetensors.numpy import load_file
+
+  with open(os.path.join(directory, "adapter_config.json")) as f:
+    config = json.load(f)
+  if config.get("peft_type") != "LORA":
+    raise ValueError(f"{directory} holds a {config.get('peft_type')} adapter; only LORA loads.")
+  if config.get("use_dora") or config.get("use_rslora"):
+    raise ValueError("DoRA and rsLoRA adapters are not supported by load_peft_adapter.")
+  tensors = load_file(os.path.join(directory, "adapter_model.safetensors"))
+  rank_pattern = config.get("rank_pattern") or {}
+  alpha_pattern = config.get("alpha_pattern") or {}
+  flat = {}
+  max_rank = 1
+  for key, value in tensors.items():
+    if not key.endswith(".lora_A.weight"):
+      continue
+    name = key[len(_PREFIX):-len(".lora_A.weight")] if key.startswith(_PREFIX) else key[:-len(".lora_A.weight")]
+    down = value.T
+    up = tensors[key.replace(".lora_A.weight", ".lora_B.weight")].T
+    rank = down.shape[-1]
+    alpha = next((a for pattern, a in alpha_pattern.items() if _matches(pattern, name)),
+                 config["lora_alpha"])
+    declared = next((r for pattern, r in rank_pattern.items() if _matches(pattern, name)), config["r"])
+    if declared != rank:
+      raise ValueError(f"{name}: rank_pattern says {declared} but lora_A has rank {rank}.")
+    path = tuple(module_path(name).split("/"))
+    flat[path + ("A",)] = down
+    flat[path + ("B",)] = up * (alpha / rank)
+    max_rank = max(max_rank, rank)
+  if not flat:
+    raise ValueError(f"No lora_A weights in {directory}/adapter_model.safetensors.")
+  return _adapter.LoRA(rank=max_rank, alpha=float(max_rank)), traverse_util.unflatten_dict(flat)
+
+
+def _matches(pattern: str, name: str) -> bool:
+  return name == pattern or name.endswith("." + pattern)
