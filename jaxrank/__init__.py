@@ -4,6 +4,7 @@ The whole public API, on one screen.
 """
 
 from jaxrank import checkpoint
+from jaxrank import sharding
 from jaxrank._adapter import LoRA
 from jaxrank._adapter import delta_kernel
 from jaxrank._budget import budget_threshold
@@ -26,6 +27,8 @@ from jaxrank.export import compact
 from jaxrank.export import merge
 from jaxrank.peft_io import load_peft_adapter
 from jaxrank.peft_io import save_peft_adapter
+from jaxrank.sharding import adapter_partition_specs
+from jaxrank.sharding import variable_shardings
 
 __version__ = "0.1.0"
 
@@ -35,6 +38,7 @@ __all__ = (
     "LoRA",
     "TargetMatcher",
     "adapter_layers",
+    "adapter_partition_specs",
     "budget_threshold",
     "checkpoint",
     "collection_labels",
@@ -49,8 +53,10 @@ __all__ = (
     "rank_masks",
     "rank_pattern",
     "save_peft_adapter",
+    "sharding",
     "split_variables",
     "top_budget_masks",
     "trainable_parameter_count",
+    "variable_shardings",
     "wrap",
 )

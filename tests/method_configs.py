@@ -20,7 +20,13 @@ class Config(NamedTuple):
 
 
 def lora(total_steps):
+  del total_steps
+  return Config(jaxrank.LoRA(rank=4), optax.adamw(1e-2))
+
+
+def lora_dropout(total_steps):
+  del total_steps
   return Config(jaxrank.LoRA(rank=4, dropout=0.1), optax.adamw(1e-2))
 
 
-CONFIGS = {"lora": lora}
+CONFIGS = {"lora": lora, "lora_dropout": lora_dropout}

@@ -11,23 +11,15 @@ import argparse
 import os
 import sys
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import traverse_util
 
 import jaxrank
 
 sys.path.insert(0, os.path.dirname(__file__))
 import method_configs  # noqa: E402
-
-
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(4, name="out")(nn.tanh(nn.Dense(8, name="hidden")(x)))
+import toy_training  # noqa: E402
 
 
 def main():
@@ -39,30 +31,9 @@ def main():
   args = parser.parse_args()
 
   config = method_configs.CONFIGS[args.method](args.total_steps)
-  model = jaxrank.wrap(MLP(), adapter=config.adapter)
-  x_all = jax.random.normal(jax.random.key(1), (args.total_steps, 16, 6))
-  y_all = jnp.sin(x_all[..., :4] * 2.0)
-  variables = model.init(jax.random.key(0), x_all[0])
-  frozen, trainable = jaxrank.split_variables(variables)
-  tx = config.optimizer
-  state = {"step": jnp.array(0, jnp.int32), "trainable": trainable,
-           "opt_state": tx.init(trainable), "rng": jax.random.key(42)}
-
-  @jax.jit
-  def train_step(state, x, y):
-    rng, dropout_rng = jax.random.split(state["rng"])
-
-    def loss_fn(trainable):
-      v = jaxrank.join_variables(frozen, trainable)
-      out = model.apply(v, x, rngs={"dropout": dropout_rng, "hard_concrete": dropout_rng})
-      return jnp.mean((out - y) ** 2) + config.penalty(model, v)
-
-    grads = jax.grad(loss_fn)(state["trainable"])
-    updates, opt_state = tx.update(
-        grads, state["opt_state"], state["trainable"],
-        **config.extra_args(model, frozen, x, y))
-    return {"step": state["step"] + 1, "trainable": optax.apply_updates(state["trainable"], updates),
-            "opt_state": opt_state, "rng": rng}
+  model, frozen, state, (x_all, y_all) = toy_training.setup(config, args.total_steps)
+  step_fn = jax.jit(toy_training.make_step(config, model))
+  train_step = lambda state, x, y: step_fn(state, frozen, x, y)
 
   if jaxrank.checkpoint.latest_step(args.directory) is not None:
     state = jaxrank.checkpoint.restore(args.directory, state)
