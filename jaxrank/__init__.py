@@ -4,6 +4,7 @@ The whole public API, on one screen.
 """
 
 from jaxrank import checkpoint
+from jaxrank import salora
 from jaxrank import sharding
 from jaxrank._adapter import LoRA
 from jaxrank._adapter import delta_kernel
@@ -27,6 +28,8 @@ from jaxrank.export import compact
 from jaxrank.export import merge
 from jaxrank.peft_io import load_peft_adapter
 from jaxrank.peft_io import save_peft_adapter
+from jaxrank.salora import SaLoRA
+from jaxrank.salora import lagrangian_ascent
 from jaxrank.sharding import adapter_partition_specs
 from jaxrank.sharding import variable_shardings
 
@@ -36,6 +39,7 @@ __all__ = (
     "Adapted",
     "AdapterLayer",
     "LoRA",
+    "SaLoRA",
     "TargetMatcher",
     "adapter_layers",
     "adapter_partition_specs",
@@ -47,11 +51,13 @@ __all__ = (
     "delta_kernel",
     "effective_parameter_count",
     "join_variables",
+    "lagrangian_ascent",
     "load_peft_adapter",
     "merge",
     "orthogonality_penalty",
     "rank_masks",
     "rank_pattern",
+    "salora",
     "save_peft_adapter",
     "sharding",
     "split_variables",

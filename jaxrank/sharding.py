@@ -70,6 +70,9 @@ def adapter_partition_specs(model, variables, param_specs: Mapping[str, Any]) ->
     lora[key + (adapter.up_name,)] = PartitionSpec(*stacked, None, *outputs)
     for name, value in layer.gates.items():
       gates[key + (name,)] = PartitionSpec(*stacked, *([None] * (value.ndim - lead)))
+  # Other leaves in ``gates`` (SaLoRA's Lagrange multiplier) are small: replicate them.
+  for key, value in traverse_util.flatten_dict(_variables._plain(variables.get("gates", {}))).items():
+    gates.setdefault(key, PartitionSpec(*([None] * len(value.shape))))
   specs = {"lora": traverse_util.unflatten_dict(lora)}
   if gates:
     specs["gates"] = traverse_util.unflatten_dict(gates)

@@ -25,7 +25,7 @@ def setup(config, total_steps):
   """(model, frozen, state, (x_all, y_all)) for a method config."""
   model = jaxrank.wrap(MLP(), adapter=config.adapter)
   x_all, y_all = data(total_steps)
-  variables = model.init(jax.random.key(0), x_all[0])
+  variables = config.prepare(model.init(jax.random.key(0), x_all[0]))
   frozen, trainable = jaxrank.split_variables(variables)
   state = {"step": jnp.array(0, jnp.int32), "trainable": trainable,
            "opt_state": config.optimizer.init(trainable), "rng": jax.random.key(42)}
