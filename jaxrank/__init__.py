@@ -5,10 +5,22 @@ The whole public API, on one screen.
 
 from jaxrank import checkpoint
 from jaxrank import salora
+from jaxrank import sora
 from jaxrank import sharding
 from jaxrank._adapter import LoRA
 from jaxrank._adapter import delta_kernel
 from jaxrank._budget import budget_threshold
+# The transforms ``adalora`` and ``alora`` shadow their modules' names on the package; their
+# helpers stay reachable as attributes (``jaxrank.adalora.rank_pattern_from_state``).
+from jaxrank.adalora import AdaLoRA
+from jaxrank.adalora import AdaLoraState
+from jaxrank.adalora import adalora
+from jaxrank.alora import ALoRA
+from jaxrank.alora import ALoRAState
+from jaxrank.alora import ablation_scores
+from jaxrank.alora import alora
+from jaxrank.alora import alora_round
+from jaxrank.alora import prune_and_reallocate
 from jaxrank._budget import top_budget_masks
 from jaxrank._regularizers import orthogonality_penalty
 from jaxrank._variables import AdapterLayer
@@ -31,18 +43,28 @@ from jaxrank.peft_io import save_peft_adapter
 from jaxrank.salora import SaLoRA
 from jaxrank.salora import lagrangian_ascent
 from jaxrank.sharding import adapter_partition_specs
+from jaxrank.sora import SoRA
+from jaxrank.sora import sora_l1_penalty
+from jaxrank.sora import sora_optimizer
+from jaxrank.sora import sora_prox
+from jaxrank.sora import sparsifying_scheduler
 from jaxrank.sharding import variable_shardings
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "ablation_scores",
+    "AdaLoRA",
+    "adalora",
+    "AdaLoraState",
     "Adapted",
-    "AdapterLayer",
-    "LoRA",
-    "SaLoRA",
-    "TargetMatcher",
     "adapter_layers",
     "adapter_partition_specs",
+    "AdapterLayer",
+    "ALoRA",
+    "alora",
+    "alora_round",
+    "ALoRAState",
     "budget_threshold",
     "checkpoint",
     "collection_labels",
@@ -53,14 +75,24 @@ __all__ = (
     "join_variables",
     "lagrangian_ascent",
     "load_peft_adapter",
+    "LoRA",
     "merge",
     "orthogonality_penalty",
+    "prune_and_reallocate",
     "rank_masks",
     "rank_pattern",
+    "SaLoRA",
     "salora",
     "save_peft_adapter",
     "sharding",
+    "SoRA",
+    "sora",
+    "sora_l1_penalty",
+    "sora_optimizer",
+    "sora_prox",
+    "sparsifying_scheduler",
     "split_variables",
+    "TargetMatcher",
     "top_budget_masks",
     "trainable_parameter_count",
     "variable_shardings",

@@ -324,8 +324,8 @@ def sora_optimizer(
     no weight decay) with ``gate_learning_rate`` followed by the constant-``ξ=lam`` masks; add
     ``lam1 * sora_l1_penalty(v, reduction="mean")`` to your loss yourself, and pass
     ``max_grad_norm=0.1`` for the official clipping of all gradients. (Adam's ε sits inside
-    ``optax.adam``'s bias-corrected denominator; transformers' AdamW places it before the
-    correction, a difference of order ε.)
+    ``optax.adam``'s bias-corrected denominator ``sqrt(v̂) + ε``; transformers' AdamW uses
+    ``sqrt(v) + ε`` and corrects the step size instead, a difference of order ε.)
 
   ``params`` always gets ``optax.set_to_zero()``.
 

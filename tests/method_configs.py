@@ -6,6 +6,7 @@ the extra loss term and the extra args its update needs.
 
 from typing import Any, Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -41,4 +42,49 @@ def salora(total_steps):
   return Config(s.SaLoRA(rank=4), tx, penalty, prepare=s.add_lagrange_multiplier)
 
 
-CONFIGS = {"lora": lora, "lora_dropout": lora_dropout, "salora": salora}
+def alora(total_steps):
+  from jaxrank.alora import ALoRA, alora as alora_transform
+
+  x_val = jax.random.normal(jax.random.key(7), (32, 6))
+  y_val = jnp.sin(x_val[:, :4] * 2.0)
+  adapter = ALoRA(rank=4, initial_rank=2)
+
+  def loss_fn(trainable, batch):
+    frozen, x, y = batch
+    model = jaxrank.wrap(toy_model(), adapter=adapter)
+    return jnp.mean((model.apply(jaxrank.join_variables(frozen, trainable), x) - y) ** 2)
+
+  rounds = 3
+  recovery = max(1, total_steps // (rounds + 2))
+  tx = alora_transform(optax.adam(1e-2), adapter, loss_fn, warmup_steps=recovery,
+                       recovery_steps=recovery, num_rounds=rounds, total_steps=total_steps,
+                       chunk_size=4)
+  return Config(adapter, tx,
+                extra_args=lambda model, frozen, x, y: {"validation_batch": (frozen, x_val, y_val)})
+
+
+def sora(total_steps):
+  del total_steps
+  from jaxrank import sora as s
+
+  tx = s.sora_optimizer(optax.adam(1e-2), lam=0.05, gate_learning_rate=0.1)
+  return Config(s.SoRA(rank=4), tx)
+
+
+def adalora(total_steps):
+  from jaxrank.adalora import AdaLoRA, adalora as adalora_transform
+
+  tx = adalora_transform(optax.adam(1e-2), init_r=4, target_r=2, tinit=total_steps // 6,
+                         tfinal=total_steps // 4, total_step=total_steps, deltaT=2,
+                         beta1=0.85, beta2=0.85)
+  penalty = lambda model, v: 0.1 * jaxrank.orthogonality_penalty(model, v, form="peft")
+  return Config(AdaLoRA(rank=4, alpha=8.0), tx, penalty)
+
+
+def toy_model():
+  import toy_training
+  return toy_training.MLP()
+
+
+CONFIGS = {"lora": lora, "lora_dropout": lora_dropout, "sora": sora, "adalora": adalora,
+           "salora": salora, "alora": alora}

@@ -46,7 +46,9 @@ def main():
 
   final = jaxrank.join_variables(frozen, state["trainable"])
   flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(final).items()}
-  flat.update({f"opt/{i}": np.asarray(l) for i, l in enumerate(jax.tree.leaves(state["opt_state"]))})
+  as_numpy = lambda l: np.asarray(jax.random.key_data(l) if jax.dtypes.issubdtype(
+      l.dtype, jax.dtypes.prng_key) else l)
+  flat.update({f"opt/{i}": as_numpy(l) for i, l in enumerate(jax.tree.leaves(state["opt_state"]))})
   flat["rng"] = np.asarray(jax.random.key_data(state["rng"]))
   pattern = jaxrank.rank_pattern(model, final)
   flat.update({f"rank/{k}": np.asarray(v) for k, v in pattern.items()})
