@@ -29,7 +29,7 @@ def budget_threshold(scores: jax.Array, budget) -> jax.Array:
   """
   n = scores.size
   budget = jnp.asarray(budget, jnp.int32)
-  ascending = jnp.sort(sharding.replicate_for_ranking(scores.reshape(-1)))
+  ascending = jnp.sort(sharding.replicated(scores.reshape(-1)))
   index = jnp.clip(n - budget - 1, 0, n - 1)
   threshold = ascending[index]
   threshold = jnp.where(budget >= n, -jnp.inf, threshold)
@@ -42,6 +42,6 @@ def top_budget_masks(scores: Sequence[jax.Array], budget) -> list[jax.Array]:
   Ties at the threshold are all dropped, as PEFT's ``masked_fill_(score <= threshold, 0)``
   does, so fewer than ``budget`` entries may survive when scores tie.
   """
-  flat = sharding.replicate_for_ranking(jnp.concatenate([jnp.ravel(s) for s in scores]))
+  flat = sharding.replicated(jnp.concatenate([jnp.ravel(s) for s in scores]))
   threshold = budget_threshold(flat, budget)
   return [s > threshold for s in scores]

@@ -21,14 +21,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxrank import _variables
+from jaxrank import sharding
 
 
 def _gram_deviations(layer: _variables.AdapterLayer) -> tuple[jax.Array, jax.Array]:
   """``||Q Q^T - I||_F`` and ``||P^T P - I||_F`` per stacked copy (shape ``stack``)."""
   lead = layer.stacked_axes
   rank = layer.down.shape[-1]
-  down = layer.down.reshape(layer.down.shape[:lead] + (-1, rank))
-  up = layer.up.reshape(layer.up.shape[:lead] + (rank, -1))
+  # Factors are small; replicate them so the contraction over a sharded axis is unambiguous.
+  down = sharding.replicated(layer.down).reshape(layer.down.shape[:lead] + (-1, rank))
+  up = sharding.replicated(layer.up).reshape(layer.up.shape[:lead] + (rank, -1))
   eye = jnp.eye(rank, dtype=jnp.float32)
   q_gram = jnp.einsum("...ir,...is->...rs", down, down)  # Q Q^T
   p_gram = jnp.einsum("...ro,...so->...rs", up, up)  # P^T P

@@ -343,7 +343,8 @@ def adalora(
 
   def zeros_like_factors(layers, leaves):
     return {
-        path: {part: jnp.zeros(jnp.shape(leaves[getattr(layer, part)]), jnp.float32)
+        # zeros_like keeps each parameter's sharding (required on Explicit meshes)
+        path: {part: jnp.zeros_like(leaves[getattr(layer, part)], jnp.float32)
                for part in ("down", "up", "gate")}
         for path, layer in layers.items()
     }

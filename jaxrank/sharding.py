@@ -88,11 +88,12 @@ def variable_shardings(model, variables, mesh, param_specs) -> dict:
   )
 
 
-def replicate_for_ranking(x: jax.Array) -> jax.Array:
-  """Makes a (small) score vector replicated before a global sort or top-b.
+def replicated(x: jax.Array) -> jax.Array:
+  """Makes a small array (a score vector, an adapter factor) replicated on an Explicit mesh.
 
-  Under an Explicit mesh a sort over a sharded axis is rejected; under Auto axes and outside
-  any mesh this is the identity.
+  Under an Explicit mesh a sort over a sharded axis, or a contraction over an axis sharded on
+  both sides, is rejected; ranking and the r x r Gram matrices of the orthogonality penalty
+  call this first. Under Auto axes and outside any mesh it is the identity.
   """
   aval = jax.typeof(x)
   sharding = getattr(aval, "sharding", None)

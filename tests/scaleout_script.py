@@ -4,7 +4,8 @@ python scaleout_script.py METHOD STEPS   (run with --xla_force_host_platform_dev
 
 Layouts: 1 device; data parallel on an Auto mesh; data parallel + tensor-parallel base kernels
 (adapter shardings derived from the kernels) on an Auto mesh; data parallel on an Explicit
-mesh; pmap with grads pmean-ed over an axis name. Prints one JSON line.
+mesh; data parallel + a column-parallel base kernel on an Explicit mesh; pmap with grads
+pmean-ed over an axis name. Prints one JSON line.
 """
 
 import contextlib
@@ -50,17 +51,26 @@ def run(method, steps, layout):
     elif layout == "explicit":
       mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Explicit,))
       param_specs = jax.tree.map(lambda _: P(), frozen["params"])
-    else:  # data + tensor parallel base weights
+    elif layout == "tensor":  # data + tensor parallel base weights (column then row)
       mesh = jax.make_mesh((2, len(devices) // 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
       param_specs = {"hidden": {"kernel": P(None, "model"), "bias": P("model")},
                      "out": {"kernel": P("model", None), "bias": P()}}
+    else:  # explicit_tensor: column-parallel hidden layer on an Explicit mesh
+      mesh = jax.make_mesh((2, len(devices) // 2), ("data", "model"),
+                           axis_types=(AxisType.Explicit,) * 2)
+      param_specs = {"hidden": {"kernel": P(None, "model"), "bias": P("model")},
+                     "out": {"kernel": P(), "bias": P()}}
     shardings = jaxrank.variable_shardings(model, {**frozen, **state["trainable"]}, mesh, param_specs)
     frozen = {"params": jax.device_put(frozen["params"], shardings["params"])}
     trainable_shardings = {k: shardings[k] for k in state["trainable"]}
     state = {**jax.device_put(state, NamedSharding(mesh, P())),
              "trainable": jax.device_put(state["trainable"], trainable_shardings)}
+    # As a user would: the optimizer state is made from the placed parameters, so moments and
+    # EMAs follow the parameters' shardings.
+    with jax.set_mesh(mesh):
+      state["opt_state"] = jax.jit(config.optimizer.init)(state["trainable"])
     x_all, y_all = jax.device_put((x_all, y_all), NamedSharding(mesh, P(None, "data")))
-  with jax.set_mesh(mesh) if layout == "explicit" else contextlib.nullcontext():
+  with jax.set_mesh(mesh) if layout.startswith("explicit") else contextlib.nullcontext():
     for i in range(steps):
       state = step(state, frozen, x_all[i], y_all[i])
   return state, frozen, model, True
@@ -73,7 +83,7 @@ def main():
   ref_vars = jaxrank.join_variables(frozen, reference["trainable"])
   ref_pattern = jaxrank.rank_pattern(model, ref_vars)
   report = {"method": method, "reference_pattern": ref_pattern}
-  for layout in ("data", "tensor", "explicit", "pmap"):
+  for layout in ("data", "tensor", "explicit", "explicit_tensor", "pmap"):
     state, frozen_l, model_l, agree = run(method, steps, layout)
     variables = jaxrank.join_variables(frozen_l, state["trainable"])
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),

@@ -16,7 +16,7 @@ METHODS = sorted(m for m in method_configs.CONFIGS if m != "lora_dropout")
 def test_one_vs_eight_devices(method):
   code = f"import runpy, sys; sys.argv = [{SCRIPT!r}, {method!r}, '24']; runpy.run_path({SCRIPT!r}, run_name='__main__')"
   report = json.loads(run_on_devices(code).strip().splitlines()[-1])
-  for layout in ("data", "tensor", "explicit", "pmap"):
+  for layout in ("data", "tensor", "explicit", "explicit_tensor", "pmap"):
     result = report[layout]
     assert result["same_pattern"], (layout, report)
     assert result["replicas_agree"], (layout, report)
