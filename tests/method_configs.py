@@ -57,7 +57,8 @@ def alora(total_steps):
   rounds = 3
   recovery = max(1, total_steps // (rounds + 2))
   tx = alora_transform(optax.adam(1e-2), adapter, loss_fn, warmup_steps=recovery,
-                       recovery_steps=recovery, num_rounds=rounds, total_steps=total_steps,
+                       recovery_steps=recovery, num_rounds=rounds, ranks_per_round=1,
+                       total_steps=total_steps,
                        chunk_size=4)
   return Config(adapter, tx,
                 extra_args=lambda model, frozen, x, y: {"validation_batch": (frozen, x_val, y_val)})

@@ -66,3 +66,36 @@ def test_restore_errors_and_prng_keys(tmp_path):
   np.testing.assert_array_equal(jax.random.key_data(back["rng"]), jax.random.key_data(state["rng"]))
   with pytest.raises(FileNotFoundError, match="step 9"):
     jaxrank.checkpoint.restore(tmp_path, state, step=9)
+
+
+def test_restore_onto_another_mesh(tmp_path):
+  from multidevice import run_on_devices
+
+  out = run_on_devices(f"""
+    import jax, jax.numpy as jnp, numpy as np, optax, jaxrank
+    from jax.sharding import NamedSharding, PartitionSpec as P, AxisType
+    import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
+    import method_configs, toy_training
+    config = method_configs.CONFIGS["adalora"](12)
+    model, frozen, state, _ = toy_training.setup(config, 12)
+    one = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    state = jax.device_put(state, NamedSharding(one, P()))
+    jaxrank.checkpoint.save({str(tmp_path)!r}, 3, state)
+
+    two = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    specs = {{"hidden": {{"kernel": P(None, "model"), "bias": P("model")}},
+              "out": {{"kernel": P("model", None), "bias": P()}}}}
+    shardings = jaxrank.variable_shardings(model, {{**frozen, **state["trainable"]}}, two, specs)
+    target = dict(state)
+    target["trainable"] = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        state["trainable"], {{k: shardings[k] for k in state["trainable"]}})
+    restored = jaxrank.checkpoint.restore({str(tmp_path)!r}, target)
+    B = restored["trainable"]["lora"]["hidden"]["P"]
+    assert B.sharding.spec == P(None, "model"), B.sharding
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 jax.tree.map(lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, restored),
+                 jax.tree.map(lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, state))
+    print("ok", B.sharding.spec)
+  """)
+  assert "ok" in out
