@@ -21,17 +21,20 @@ class Config(NamedTuple):
   prepare: Callable = lambda variables: variables  # e.g. add SaLoRA's Lagrange multiplier
 
 
-def lora(total_steps):
+def lora(total_steps, axis_name=None):
+  del axis_name  # nothing ranked across devices
   del total_steps
   return Config(jaxrank.LoRA(rank=4), optax.adamw(1e-2))
 
 
-def lora_dropout(total_steps):
+def lora_dropout(total_steps, axis_name=None):
+  del axis_name  # nothing ranked across devices
   del total_steps
   return Config(jaxrank.LoRA(rank=4, dropout=0.1), optax.adamw(1e-2))
 
 
-def salora(total_steps):
+def salora(total_steps, axis_name=None):
+  del axis_name  # nothing ranked across devices
   from jaxrank import salora as s
 
   inner = optax.partition({"lora": optax.adam(1e-2), "gates": optax.adam(0.1)},
@@ -42,7 +45,7 @@ def salora(total_steps):
   return Config(s.SaLoRA(rank=4), tx, penalty, prepare=s.add_lagrange_multiplier)
 
 
-def alora(total_steps):
+def alora(total_steps, axis_name=None):
   from jaxrank.alora import ALoRA, alora as alora_transform
 
   x_val = jax.random.normal(jax.random.key(7), (32, 6))
@@ -59,12 +62,13 @@ def alora(total_steps):
   tx = alora_transform(optax.adam(1e-2), adapter, loss_fn, warmup_steps=recovery,
                        recovery_steps=recovery, num_rounds=rounds, ranks_per_round=1,
                        total_steps=total_steps,
-                       chunk_size=4)
+                       chunk_size=4, axis_name=axis_name)
   return Config(adapter, tx,
                 extra_args=lambda model, frozen, x, y: {"validation_batch": (frozen, x_val, y_val)})
 
 
-def sora(total_steps):
+def sora(total_steps, axis_name=None):
+  del axis_name  # nothing ranked across devices
   del total_steps
   from jaxrank import sora as s
 
@@ -72,12 +76,12 @@ def sora(total_steps):
   return Config(s.SoRA(rank=4), tx)
 
 
-def adalora(total_steps):
+def adalora(total_steps, axis_name=None):
   from jaxrank.adalora import AdaLoRA, adalora as adalora_transform
 
   tx = adalora_transform(optax.adam(1e-2), init_r=4, target_r=2, tinit=total_steps // 6,
                          tfinal=total_steps // 4, total_step=total_steps, deltaT=2,
-                         beta1=0.85, beta2=0.85)
+                         beta1=0.85, beta2=0.85, axis_name=axis_name)
   penalty = lambda model, v: 0.1 * jaxrank.orthogonality_penalty(model, v, form="peft")
   return Config(AdaLoRA(rank=4, alpha=8.0), tx, penalty)
 

@@ -25,7 +25,9 @@ import toy_training  # noqa: E402
 
 
 def run(method, steps, layout):
-  config = method_configs.CONFIGS[method](steps)
+  # Under pmap the ranking methods also average their scores over the mapped axis.
+  axis_name = "batch" if layout == "pmap" else None
+  config = method_configs.CONFIGS[method](steps, axis_name=axis_name)
   model, frozen, state, (x_all, y_all) = toy_training.setup(config, steps)
   devices = jax.devices()
   if layout == "pmap":
