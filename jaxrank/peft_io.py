@@ -4,8 +4,9 @@
 writes ``adapter_model.safetensors`` and ``adapter_config.json`` in the layout
 ``peft.PeftModel.from_pretrained`` reads: for every adapted ``nn.Dense`` with rank ``r_i > 0``,
 ``base_model.model.<module>.lora_A.weight`` (``r_i x in``) and ``...lora_B.weight``
-(``out x r_i``), with ``rank_pattern[module] = r_i`` and ``alpha_pattern[module] = scale · r_i``
-so PEFT's ``alpha / r`` scaling reproduces jaxrank's. Layers whose every rank died are left
+(``out x r_i``), with ``rank_pattern[module] = r_i``. ``compact`` has folded jaxrank's scale
+(and the gates) into ``lora_B``, so ``alpha_pattern[module] = r_i`` and PEFT's ``alpha / r``
+scaling is 1. Layers whose every rank died are left
 out of ``target_modules``. Module names are the Flax paths with ``/`` replaced by ``.``, which
 is the PyTorch name for Hugging Face models (``bert.encoder.layer.0.attention.self.query``).
 
@@ -16,7 +17,7 @@ Example:
   >>> directory = tempfile.mkdtemp()
   >>> config = jaxrank.save_peft_adapter(directory, model, variables, module_name=lambda p: "proj")
   >>> config["rank_pattern"], config["alpha_pattern"]
-  ({'proj': 2}, {'proj': 16.0})
+  ({'proj': 2}, {'proj': 2.0})
   >>> adapter, lora = jaxrank.load_peft_adapter(directory, module_path=lambda n: n)
   >>> lora["proj"]["A"].shape
   (3, 2)
