@@ -1,0 +1,101 @@
+"""The ``jaxrank`` command on a tiny random BERT and a synthetic task (seconds, no downloads)."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("typer", reason="the jaxrank command needs typer (`pip install typer`)")
+transformers = pytest.importorskip(
+    "transformers", reason="install the 'hf' extra (transformers>=4.57,<5)")
+if not hasattr(transformers, "FlaxBertForSequenceClassification"):
+  pytest.skip("this transformers release has no Flax classes (need <5)", allow_module_level=True)
+
+from typer.testing import CliRunner  # noqa: E402
+
+from jaxrank import cli  # noqa: E402
+
+TINY = ["--model", "tiny-bert", "--task", "synthetic", "--max-length", "16",
+        "--batch-size", "16", "--train-examples", "64", "--lr", "1e-2", "--no-progress"]
+
+
+def _run(args):
+  result = CliRunner().invoke(cli.app, args)
+  assert result.exit_code == 0, result.output + repr(result.exception)
+  return result.output
+
+
+def test_finetune_lora_writes_metrics_heatmap_checkpoint_and_adapter(tmp_path):
+  out = tmp_path / "run"
+  text = _run(["finetune", *TINY, "--method", "lora", "--budget-rank", "3", "--steps", "12",
+               "--eval-every", "4", "--output-dir", str(out)])
+  assert "eval_accuracy" in text and "total rank 36 over 12 matrices" in text
+  summary = json.loads((out / "metrics.json").read_text())
+  assert summary["method"] == "lora"
+  assert len(summary["rank_pattern"]) == 12 and set(summary["rank_pattern"].values()) == {3}
+  assert [h["step"] for h in summary["history"]] == [4, 8, 12]
+  assert 0.0 <= summary["final_metrics"]["test_accuracy"] <= 1.0
+  # rank 3 on 12 matrices of the 16-wide model: 2 x (16+16) x 3 x 8 + (16+32) x 3 x 4 ... exactly:
+  fans = {"query": 32, "key": 32, "value": 32, "attention/output/dense": 32,
+          "intermediate/dense": 48, "output/dense": 48}
+  assert summary["trainable_parameters"] == 2 * 3 * sum(fans.values())
+  png = (out / "rank_heatmap.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+  from safetensors.numpy import load_file
+  tensors = load_file(str(out / "adapter" / "adapter.safetensors"))
+  config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+  a = tensors["lora/bert/encoder/layer/0/attention/self/query/A"]
+  b = tensors["lora/bert/encoder/layer/0/attention/self/query/B"]
+  assert a.shape == (16, 3) and b.shape == (3, 16) and np.abs(b).sum() > 0
+  assert "head/classifier/kernel" in tensors and config["rank_pattern"] == summary["rank_pattern"]
+
+  from jaxrank import checkpoint
+  assert checkpoint.latest_step(out / "checkpoint") == 12
+  assert sorted(int(p.name) for p in (out / "checkpoint").iterdir() if p.name.isdigit()) == [4, 8, 12]
+  peft_config = json.loads((out / "adapter" / "peft" / "adapter_config.json").read_text())
+  assert peft_config["rank_pattern"]["bert.encoder.layer.0.attention.self.query"] == 3
+
+
+def test_finetune_frozen_baseline_trains_only_the_head(tmp_path):
+  out = tmp_path / "frozen"
+  text = _run(["finetune", *TINY, "--method", "frozen", "--steps", "6", "--eval-every", "0",
+               "--output-dir", str(out)])
+  summary = json.loads((out / "metrics.json").read_text())
+  assert summary["rank_pattern"] == {} and summary["trainable_parameters"] == 0
+  assert summary["head_parameters"] == 16 * 16 + 16 + 16 * 3 + 3  # pooler + classifier
+  assert "adapter parameters (live ranks): 0" in text
+
+
+def test_demo_prints_one_table_row_per_method(tmp_path):
+  text = _run(["demo", "--methods", "frozen,lora", *TINY, "--steps", "4",
+               "--output-dir", str(tmp_path / "demo")])
+  table = (tmp_path / "demo" / "table.md").read_text().splitlines()
+  assert table[0].startswith("| method") and "test accuracy" in table[0]
+  assert [line.split("|")[1].strip() for line in table[2:]] == ["frozen", "lora"]
+  assert (tmp_path / "demo" / "lora" / "rank_heatmap.png").exists()
+  assert "total wall time" in text
+
+
+def test_bad_model_task_pair_is_a_clear_error():
+  result = CliRunner().invoke(cli.app, ["finetune", "--model", "minilm", "--task", "austen"])
+  assert result.exit_code != 0
+  assert "--model minilm --task bbc-news" in result.output
+
+
+def test_unknown_method_is_a_clear_error():
+  result = CliRunner().invoke(cli.app, ["finetune", *TINY, "--method", "dora"])
+  assert result.exit_code != 0 and "--method must be one of" in result.output
+
+
+@pytest.mark.parametrize("method", ["sora", "adalora", "salora", "alora"])
+def test_every_method_ends_within_the_rank_budget(tmp_path, method):
+  out = tmp_path / method
+  _run(["finetune", *TINY, "--method", method, "--rank", "4", "--budget-rank", "2",
+        "--steps", "10", "--eval-every", "0", "--output-dir", str(out)])
+  summary = json.loads((out / "metrics.json").read_text())
+  ranks = list(summary["rank_pattern"].values())
+  assert len(ranks) == 12 and all(0 <= r <= 4 for r in ranks)
+  assert 0 < sum(ranks) <= 2 * 12  # the budget: average rank 2 over 12 matrices
+  config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+  assert config["rank_pattern"] == summary["rank_pattern"]  # compacted to the live ranks
