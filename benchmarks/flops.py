@@ -1,0 +1,97 @@
+"""Achieved FLOP/s of jaxrank's LoRA train step against this machine's measured f32 matmul peak.
+
+The peak is measured in the same run: a jitted 2048³ float32 matmul (2·2048³ FLOP), median of
+``--repeats`` after warm-up. The step is ``jaxrank.train.fit``'s LoRA step (benchmarks/_steps.py)
+on MiniLM, batch 32 × 128, r = 8 on query and value, with dropout on and off. Work per step is
+counted two ways: XLA's own count for the compiled step (``compiled.cost_analysis()['flops']``)
+and the analytic count of shared/reference/env.md (encoder only, 4096 tokens: frozen-base LoRA
+≈ 2 × forward ≈ 184 GFLOP; the input-gradient pass through every frozen matmul plus the forward).
+
+Run:  python benchmarks/flops.py [--repeats 10]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import _common
+from benchmarks import _steps
+
+
+def analytic_lora_flops(config, batch: int, seq: int, rank: int = 8) -> float:
+  """Encoder matmul FLOPs of forward + input-gradient backward (frozen base, LoRA on q, v)."""
+  tokens = batch * seq
+  d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+  dense = 2 * tokens * (4 * d * d + 2 * d * f)  # q, k, v, o and the two FFN matmuls
+  attention = 2 * 2 * batch * seq * seq * d  # QK^T and PV
+  lora = 2 * 2 * 2 * tokens * d * rank  # two adapters, two thin matmuls each
+  forward = layers * (dense + attention + lora)
+  return 2 * forward  # forward + the activations' gradient (no frozen-weight gradients)
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=2)
+  args = parser.parse_args()
+
+  n = 2048
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+  peak_t, peak_times = _common.median_time(lambda: matmul(a, b).block_until_ready(),
+                                           warmup=3, repeats=args.repeats)
+  peak = 2 * n ** 3 / peak_t
+  print(f"f32 matmul {n}^3: {1e3 * peak_t:.1f} ms median -> {peak / 1e9:.0f} GFLOP/s "
+        f"(XLA counts {_flops(matmul) / 1e9:.1f} GFLOP)", flush=True)
+
+  base, params, config = _steps.load_minilm()
+  batch = jax.tree.map(jnp.asarray, _steps.random_batch(32, 128, config.vocab_size))
+  analytic = analytic_lora_flops(config, 32, 128)
+  rows = []
+  for dropout in (True, False):
+    built = _steps.build("lora", base, params, batch, dropout=dropout)
+    start = time.perf_counter()
+    compiled = built.step.lower(built.frozen, built.state, batch).compile()
+    compile_s = time.perf_counter() - start
+    xla_flops = _flops(compiled)
+    holder = {"state": built.state}
+
+    def step():
+      holder["state"], loss = compiled(built.frozen, holder["state"], batch)
+      jax.block_until_ready(loss)
+
+    t, times = _common.median_time(step, warmup=args.warmup, repeats=args.repeats)
+    rows.append({
+        "step": f"lora q,v r8 minilm b32x128 dropout {'on' if dropout else 'off'}",
+        "step_s": t, "xla_gflop": xla_flops / 1e9, "analytic_gflop": analytic / 1e9,
+        "xla_gflop_per_s": xla_flops / t / 1e9, "analytic_gflop_per_s": analytic / t / 1e9,
+        "peak_gflop_per_s": peak / 1e9, "%_peak_xla": 100 * xla_flops / t / peak,
+        "%_peak_analytic": 100 * analytic / t / peak,
+        "floor_s_at_peak": analytic / peak, "compile_s": compile_s, "times_s": times})
+    print(f"dropout {'on' if dropout else 'off'}: {t:.3f} s/step", flush=True)
+  print(_common.table(rows, ["step", "step_s", "xla_gflop", "analytic_gflop",
+                             "xla_gflop_per_s", "analytic_gflop_per_s", "peak_gflop_per_s",
+                             "%_peak_xla", "%_peak_analytic", "floor_s_at_peak"]))
+  path = _common.write_json("flops.json", {"args": vars(args), "peak_matmul_s": peak_t,
+                                           "peak_times_s": peak_times,
+                                           "peak_gflop_per_s": peak / 1e9, "rows": rows})
+  print("wrote", path)
+
+
+if __name__ == "__main__":
+  main()

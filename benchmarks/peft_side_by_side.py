@@ -1,0 +1,142 @@
+"""jaxrank vs PyTorch + PEFT: LoRA and AdaLoRA train-step time on MiniLM, dropout on and off.
+
+Setup as in the reference baseline (shared/reference/env.md §4): all-MiniLM-L6-v2 as a
+2-label sequence classifier, batch 32 × 128 random tokens, train mode, AdamW lr 1e-4 wd 0.01;
+LoRA r = 8, alpha = 16 on query and value; AdaLoRA init_r = 12 → target_r = 8, tinit = tfinal = 0,
+deltaT = 1 (allocation every step: the worst case), total_step = 1000, orthogonality weight 0.5
+(PEFT's default; jaxrank uses its ``form="peft"`` penalty with the same weight). PEFT's step is
+forward (+ AdaLoRA's regulariser) + backward + ``opt.step()`` + ``update_and_allocate`` +
+``zero_grad``; torch runs with ``torch.set_num_threads(2)``. jaxrank's step is the one
+``jaxrank.train.fit`` runs (benchmarks/_steps.py), jitted, state donated. "Dropout off" sets the
+model's hidden and attention dropout to 0 (PyTorch) / ``deterministic=True`` (jaxrank).
+
+For each configuration PyTorch runs its steps, then jaxrank runs its steps (not interleaved: the
+two runtimes' thread pools would fight); the median of ``--repeats`` steps after ``--warmup``.
+
+Run:  python benchmarks/peft_side_by_side.py [--repeats 10]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import _common
+from benchmarks import _steps
+from jaxrank import _regularizers
+from jaxrank import train
+from jaxrank.models import bert
+
+LR, WD, STEPS = 1e-4, 0.01, 1000
+
+
+def torch_step_fn(method: str, dropout: bool, batch):
+  import peft
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  p = 0.1 if dropout else 0.0
+  model = transformers.BertForSequenceClassification.from_pretrained(
+      str(bert.minilm_path()), num_labels=2, hidden_dropout_prob=p,
+      attention_probs_dropout_prob=p)
+  if method == "lora":
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                             target_modules=["query", "value"], task_type="SEQ_CLS")
+  else:
+    config = peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, lora_dropout=0.0,
+                                target_modules=["query", "value"], task_type="SEQ_CLS",
+                                tinit=0, tfinal=0, deltaT=1, total_step=STEPS)
+  model = peft.get_peft_model(model, config)
+  model.train()
+  opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=LR,
+                          weight_decay=WD)
+  tb = {k: torch.as_tensor(v).long() for k, v in batch.items()}
+  counter = {"step": 0}
+  trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
+
+  def step():
+    out = model(**tb)
+    out.loss.backward()
+    opt.step()
+    if method == "adalora":
+      model.base_model.update_and_allocate(counter["step"])
+    opt.zero_grad(set_to_none=True)
+    counter["step"] += 1
+
+  return step, trainable
+
+
+def jax_built(method: str, dropout: bool, base, params, batch):
+  if method == "lora":
+    m = train.lora_method(rank=8, alpha=16.0, weight_decay=WD)
+    rank = 8
+  else:
+    import importlib
+    ada = importlib.import_module("jaxrank.adalora")  # the package attribute is the function
+    spec = ada.AdaLoRA(rank=12, alpha=16.0)
+    m = train.Method(
+        name="adalora", adapter=spec,
+        optimizer=lambda ctx: ada.adalora(optax.adamw(ctx.schedule, weight_decay=WD), init_r=12,
+                                          target_r=8, tinit=0, tfinal=0, total_step=STEPS,
+                                          deltaT=1),
+        penalty=lambda model, v: 0.5 * _regularizers.orthogonality_penalty(model, v,
+                                                                           form="peft"))
+    rank = 12
+  return _steps.build(method, base, params, batch, method=m, rank=rank, dropout=dropout,
+                      steps=STEPS, learning_rate=LR)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=2)
+  args = parser.parse_args()
+  import torch
+  torch.set_num_threads(2)
+
+  base, params, config = _steps.load_minilm()
+  batch_np = _steps.random_batch(32, 128, config.vocab_size)
+  batch = jax.tree.map(jnp.asarray, batch_np)
+  rows = []
+  for method in ("lora", "adalora"):
+    for dropout in (True, False):
+      step, torch_trainable = torch_step_fn(method, dropout, batch_np)
+      torch_med, torch_times = _common.median_time(step, warmup=args.warmup,
+                                                   repeats=args.repeats)
+      b = jax_built(method, dropout, base, params, batch)
+      start = time.perf_counter()
+      compiled = b.step.lower(b.frozen, b.state, batch).compile()
+      compile_s = time.perf_counter() - start
+      holder = {"state": b.state}
+
+      def jstep():
+        holder["state"], loss = compiled(b.frozen, holder["state"], batch)
+        jax.block_until_ready(loss)
+
+      jax_med, jax_times = _common.median_time(jstep, warmup=args.warmup, repeats=args.repeats)
+      jax_trainable = int(sum(np.size(x) for x in jax.tree.leaves(holder["state"].trainable)))
+      row = {"method": method, "dropout": "on" if dropout else "off",
+             "peft_s": torch_med, "jaxrank_s": jax_med, "jaxrank/peft": jax_med / torch_med,
+             "jax_compile_s": compile_s, "peft_trainable": torch_trainable,
+             "jaxrank_trainable": jax_trainable,
+             "peft_times_s": torch_times, "jaxrank_times_s": jax_times}
+      rows.append(row)
+      print(_common.table([row], ["method", "dropout", "peft_s", "jaxrank_s", "jaxrank/peft"]),
+            flush=True)
+      del step, b, compiled, holder
+  print(_common.table(rows, ["method", "dropout", "peft_s", "jaxrank_s", "jaxrank/peft",
+                             "jax_compile_s", "peft_trainable", "jaxrank_trainable"]))
+  path = _common.write_json("peft_side_by_side.json", {"args": vars(args), "rows": rows})
+  print("wrote", path)
+
+
+if __name__ == "__main__":
+  main()
