@@ -11,10 +11,10 @@ Run:  python benchmarks/alora_scoring.py [--repeats 5]
 
 import argparse
 import json
+import os
 import pathlib
 import platform
-import statistics
-import time
+import sys
 
 import flax.linen as nn
 import jax
@@ -22,6 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxrank
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import median_time  # noqa: E402
 from jaxrank.alora import ALoRA, ablation_scores, ablation_scores_naive, live_rank_total
 
 CONFIGS = (
@@ -62,16 +65,6 @@ def _setup(layers, width, capacity, initial_rank, batch):
   return model, variables, (x, labels), loss_fn
 
 
-def _median_time(fn, repeats):
-  fn()  # compile / warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
-
-
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=5)
@@ -87,7 +80,7 @@ def main():
       scores = ablation_scores_naive(loss_fn, model, variables, data)
       return jax.block_until_ready(scores)
 
-    naive_s, naive_all = _median_time(naive, args.repeats)
+    naive_s, naive_all = median_time(naive, warmup=1, repeats=args.repeats)
     reference = naive()
     for chunk in CHUNKS:
       if chunk > live:
@@ -97,7 +90,7 @@ def main():
         scores = ablation_scores(loss_fn, model, variables, data, chunk_size=chunk)
         return jax.block_until_ready(scores)
 
-      batched_s, batched_all = _median_time(batched, args.repeats)
+      batched_s, batched_all = median_time(batched, warmup=1, repeats=args.repeats)
       got = batched()
       max_diff = max(float(np.nanmax(np.abs(np.asarray(got[p]) - np.asarray(reference[p]))))
                      for p in got)

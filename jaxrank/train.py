@@ -47,7 +47,6 @@ import math
 import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -216,13 +215,9 @@ def summarize_causal_lm(sums):
 
 
 # --- trainable tree helpers -----------------------------------------------------------------
-def _plain(tree):
-  return flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else dict(tree)
-
-
 def split_head(params, head: Sequence[str]) -> tuple[dict, dict]:
   """Splits ``params`` into ``(body, head)``: head leaves have a path element in ``head``."""
-  flat = traverse_util.flatten_dict(_plain(params))
+  flat = traverse_util.flatten_dict(_variables._plain(params))
   is_head = lambda path: any(name in head for name in path)
   body = traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_head(k)})
   head_params = traverse_util.unflatten_dict({k: v for k, v in flat.items() if is_head(k)})
@@ -231,12 +226,12 @@ def split_head(params, head: Sequence[str]) -> tuple[dict, dict]:
 
 def join(frozen, trainable) -> dict:
   """Full variables from ``frozen`` and ``trainable`` (the head overlaid on ``params``)."""
-  variables = dict(_plain(frozen))
+  variables = dict(_variables._plain(frozen))
   head = trainable.get(HEAD) if isinstance(trainable, Mapping) else None
   if isinstance(head, Mapping) and head:
-    flat = traverse_util.flatten_dict(_plain(variables["params"]))
+    flat = traverse_util.flatten_dict(_variables._plain(variables["params"]))
     # inside optax.partition the head's leaves may be MaskedNodes: keep the frozen copy then
-    flat.update({k: v for k, v in traverse_util.flatten_dict(_plain(head)).items()
+    flat.update({k: v for k, v in traverse_util.flatten_dict(_variables._plain(head)).items()
                  if not isinstance(v, optax.MaskedNode)})
     variables["params"] = traverse_util.unflatten_dict(flat)
   for collection, tree in trainable.items():
@@ -393,10 +388,10 @@ def fit(
   model = _wrap_model(base_model, method, targets)
   key_init, key_train = jax.random.split(jax.random.key(seed))
   first = next(batches(train_data, batch_size, seed=seed))
-  params = _plain(variables)["params"]
+  params = _variables._plain(variables)["params"]
   if method.adapter is not None:
     init_vars = _init_adapters(model, task, first, key_init)
-    full = {**_plain(init_vars), "params": params}
+    full = {**_variables._plain(init_vars), "params": params}
     if method.prepare is not None:
       full = method.prepare(model, full)
   else:
@@ -590,13 +585,13 @@ def export_adapter(result: TrainResult, directory, *, extra_config: Optional[dic
   config = {"method": result.method.name, "rank_pattern": {}, "scale": None}
   if result.method.adapter is not None:
     lora_model, lora_vars, pattern = export.compact(result.model, result.variables)
-    for key, value in traverse_util.flatten_dict(_plain(lora_vars["lora"])).items():
+    for key, value in traverse_util.flatten_dict(_variables._plain(lora_vars["lora"])).items():
       tensors["lora/" + "/".join(key)] = np.asarray(value)
     config.update(rank_pattern=pattern, scale=float(lora_model.adapter.scale),
                   alpha=float(lora_model.adapter.alpha), rank=int(lora_model.adapter.rank),
                   effective_parameters=int(sum(np.size(v) for k, v in tensors.items())))
   head = result.state.trainable.get(HEAD, {})
-  for key, value in traverse_util.flatten_dict(_plain(head)).items():
+  for key, value in traverse_util.flatten_dict(_variables._plain(head)).items():
     tensors["head/" + "/".join(key)] = np.asarray(value)
   config["head_parameters"] = result.head_parameters
   config.update(extra_config or {})
