@@ -23,6 +23,27 @@ def median_time(fn, *, warmup: int = 2, repeats: int = 10) -> tuple[float, list]
   return statistics.median(times), times
 
 
+def matmul_peak(n: int = 2048, repeats: int = 10) -> tuple[float, float, list]:
+  """This machine's float32 matmul rate now: ``(flop_per_s, median_s, times)`` of a jitted
+  ``n``³ matmul (3 warm-ups). Measure it in the same run as what it is compared with."""
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+  median, times = median_time(lambda: matmul(a, b).block_until_ready(), warmup=3,
+                              repeats=repeats)
+  return 2 * n ** 3 / median, median, times
+
+
+def xla_cost(compiled) -> dict:
+  """XLA's static count of a compiled program's work: ``{'flops', 'bytes accessed'}``."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return {"flops": float(cost.get("flops", 0.0)),
+          "bytes accessed": float(cost.get("bytes accessed", 0.0))}
+
+
 def machine() -> dict:
   return {"platform": platform.platform(), "python": platform.python_version(),
           "jax": jax.__version__, "cpu_count": os.cpu_count(),

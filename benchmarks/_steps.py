@@ -1,9 +1,10 @@
 """The train step of each method on a BERT classifier, built as ``jaxrank.train.fit`` builds it.
 
-``build(name, hf_module, params, batch, ...)`` returns a :class:`Built`: the jitted step (the
-same objective and update as ``fit``'s ``train_step``: task loss + the method's penalty, the
-method's optax transform on ``lora``/``gates`` and AdamW on the head, dropout rngs and the
-method's extra rng streams), its frozen variables and a fresh state. The methods come from
+``build(name, hf_module, params, batch, ...)`` returns a :class:`Built`: ``fit``'s own set-up
+(``jaxrank.train.setup``) and step (``jaxrank.train.make_train_step``: task loss + the method's
+penalty, the method's optax transform on ``lora``/``gates`` and AdamW on the head, dropout rngs
+and the method's extra rng streams), jitted with the state donated, its frozen variables and a
+fresh state. The methods come from
 ``jaxrank.cli.build_method`` (what ``jaxrank finetune --method NAME`` trains); plain LoRA is
 ``jaxrank.train.lora_method(rank)``.
 """
@@ -16,9 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxrank import _variables
 from jaxrank import cli
 from jaxrank import train
 from jaxrank.models import bert
@@ -61,59 +60,19 @@ def build(name: str, base, params, batch, *, rank: int = 8, budget_rank: int = 4
   """Everything ``fit`` sets up before its loop, for method ``name`` (or ``method``)."""
   method = method or method_for(name, rank=rank, budget_rank=budget_rank, steps=steps)
   task = bert.classification_task()
-  model = train._wrap_model(base, method, targets)
-  key_init, key_train = jax.random.split(jax.random.key(seed))
-  init_vars = train._init_adapters(model, task, batch, key_init)
-  full = {**train._plain(init_vars), "params": train._plain(params)}
-  if method.prepare is not None:
-    full = method.prepare(model, full)
-  body, head_params = train.split_head(full["params"], bert.HEAD_MODULES)
-  frozen = {**{k: v for k, v in full.items() if k not in _variables.TRAINABLE_COLLECTIONS},
-            "params": body}
-  trainable = {k: v for k, v in full.items() if k in _variables.TRAINABLE_COLLECTIONS}
-  trainable[train.HEAD] = head_params
-  schedule = train.warmup_linear_schedule(learning_rate, steps)
-
-  def loss_fn(trainable_, b):
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)
-    leaves = jax.tree.leaves(trainable_.get(train.HEAD), is_leaf=is_masked)
-    if not leaves or any(is_masked(x) for x in leaves):
-      trainable_ = {**trainable_, train.HEAD: head_params}
-    out = task.apply(model, train.join(frozen, trainable_), b, deterministic=True)
-    return task.loss(out, b)
-
   # ALoRA scores on the first 8 rows of a validation batch (cli's alora_scoring_examples)
-  ctx = train.MethodContext(model=model, total_steps=steps, learning_rate=learning_rate,
-                            schedule=schedule, loss_fn=loss_fn, validation_batch=batch,
-                            num_matrices=len(_variables.adapter_layers(model, full)))
-  tx = method.optimizer(ctx)
-  if method.separate_head:
-    tx = train.with_head(tx, optax.adamw(schedule, weight_decay=0.0))
-  trainable = copy_tree(trainable)  # the step donates its state: never alias the caller's params
-  state = train.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), key_train)
-
-  def step_fn(frozen, state, b):
-    rng, step_rng = jax.random.split(state.rng)
-    names = tuple(dict.fromkeys(("dropout",) + tuple(method.train_rngs)))
-    rngs = dict(zip(names, jax.random.split(step_rng, len(names))))
-
-    def objective(trainable):
-      full_vars = train.join(frozen, trainable)
-      out = task.apply(model, full_vars, b, rngs=rngs, deterministic=not dropout)
-      task_loss = task.loss(out, b)
-      extra = method.penalty(model, full_vars) if method.penalty is not None else 0.0
-      return task_loss + extra, task_loss
-
-    (_, task_loss), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    return train.TrainState(state.step + 1, trainable, opt_state, rng), task_loss
+  prepared = train.setup(base, {"params": params}, method, task, first_batch=batch,
+                         steps=steps, learning_rate=learning_rate, head=bert.HEAD_MODULES,
+                         targets=targets, seed=seed, validation_batch=batch)
+  step_fn = train.make_train_step(prepared.model, method, task, prepared.tx,
+                                  deterministic=not dropout)
 
   def transform(grads, opt_state, trainable):
-    return tx.update(grads, opt_state, trainable)
+    return prepared.tx.update(grads, opt_state, trainable)
 
   step = jax.jit(step_fn, donate_argnums=(1,) if donate else ())
-  return Built(name, model, method, tx, frozen, state, step, step_fn, transform)
+  return Built(name, prepared.model, method, prepared.tx, prepared.frozen, prepared.state, step,
+               step_fn, transform)
 
 
 def copy_tree(tree):
@@ -121,8 +80,8 @@ def copy_tree(tree):
 
 
 def load_minilm():
-  hf, _ = bert.load_minilm(num_labels=2, seed=0)
-  return hf.module, {"params": hf.params}["params"], hf.config
+  model, _ = bert.load_minilm(num_labels=2, seed=0)
+  return model.module, model.params, model.config
 
 
 def load_bert_base(seed: int = 0):

@@ -4,8 +4,9 @@ The peak is measured in the same run: a jitted 2048³ float32 matmul (2·2048³ 
 ``--repeats`` after warm-up. The step is ``jaxrank.train.fit``'s LoRA step (benchmarks/_steps.py)
 on MiniLM, batch 32 × 128, r = 8 on query and value, with dropout on and off. Work per step is
 counted two ways: XLA's own count for the compiled step (``compiled.cost_analysis()['flops']``)
-and the analytic count of shared/reference/env.md (encoder only, 4096 tokens: frozen-base LoRA
-≈ 2 × forward ≈ 184 GFLOP; the input-gradient pass through every frozen matmul plus the forward).
+and analytically (:func:`analytic_lora_flops`, encoder only, 4096 tokens: every frozen matmul
+twice (forward, input gradient), attention's products three times, LoRA's thin matmuls).
+Where the time goes inside the step: ``benchmarks/step_profile.py``.
 
 Run:  python benchmarks/flops.py [--repeats 10]
 """
@@ -25,22 +26,22 @@ from benchmarks import _common
 from benchmarks import _steps
 
 
-def analytic_lora_flops(config, batch: int, seq: int, rank: int = 8) -> float:
-  """Encoder matmul FLOPs of forward + input-gradient backward (frozen base, LoRA on q, v)."""
+def analytic_lora_flops(config, batch: int, seq: int, rank: int = 8) -> dict:
+  """Encoder FLOPs of the LoRA step (frozen base, LoRA on q, v), by kind of work.
+
+  Forward plus the activations' gradient: a frozen dense layer costs its forward matmul twice
+  (forward, input gradient); attention's two forward products (QKᵀ, PV) need four in the
+  backward pass (dQ, dK, dV, dP); no weight gradients except LoRA's own.
+  """
   tokens = batch * seq
   d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
   dense = 2 * tokens * (4 * d * d + 2 * d * f)  # q, k, v, o and the two FFN matmuls
   attention = 2 * 2 * batch * seq * seq * d  # QK^T and PV
   lora = 2 * 2 * 2 * tokens * d * rank  # two adapters, two thin matmuls each
-  forward = layers * (dense + attention + lora)
-  return 2 * forward  # forward + the activations' gradient (no frozen-weight gradients)
-
-
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost["flops"])
+  work = {"dense": layers * 2 * dense, "attention": layers * 3 * attention,
+          "lora": layers * 3 * lora}  # LoRA: forward, input and factor gradients
+  work["total"] = sum(work.values())
+  return work
 
 
 def main():
@@ -49,26 +50,20 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   args = parser.parse_args()
 
-  n = 2048
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  matmul = jax.jit(jnp.matmul).lower(a, b).compile()
-  peak_t, peak_times = _common.median_time(lambda: matmul(a, b).block_until_ready(),
-                                           warmup=3, repeats=args.repeats)
-  peak = 2 * n ** 3 / peak_t
-  print(f"f32 matmul {n}^3: {1e3 * peak_t:.1f} ms median -> {peak / 1e9:.0f} GFLOP/s "
-        f"(XLA counts {_flops(matmul) / 1e9:.1f} GFLOP)", flush=True)
+  peak, peak_t, peak_times = _common.matmul_peak(repeats=args.repeats)
+  print(f"f32 matmul 2048^3: {1e3 * peak_t:.1f} ms median -> {peak / 1e9:.0f} GFLOP/s",
+        flush=True)
 
   base, params, config = _steps.load_minilm()
   batch = jax.tree.map(jnp.asarray, _steps.random_batch(32, 128, config.vocab_size))
-  analytic = analytic_lora_flops(config, 32, 128)
+  analytic = analytic_lora_flops(config, 32, 128)["total"]
   rows = []
   for dropout in (True, False):
     built = _steps.build("lora", base, params, batch, dropout=dropout)
     start = time.perf_counter()
     compiled = built.step.lower(built.frozen, built.state, batch).compile()
     compile_s = time.perf_counter() - start
-    xla_flops = _flops(compiled)
+    xla_flops = _common.xla_cost(compiled)["flops"]
     holder = {"state": built.state}
 
     def step():

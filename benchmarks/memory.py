@@ -6,6 +6,9 @@ batch 32 × 128, r = 8 on query and value, dropout on, state donated) the compil
 optimizer state), output bytes, bytes aliased between them (the donated state) and the temporary
 buffer (activations, gradients, the method's scratch). Peak ≈ arguments + outputs − aliased +
 temporaries. These are static numbers of the compiled program: deterministic on CPU, no timing.
+ALoRA is listed twice: with the default scoring chunk (32 ranks per vmapped call) and with
+``alora_chunk_size=4``; its round runs inside the step's ``lax.cond``, so its scoring forwards
+count towards the step's peak.
 
 Run:  python benchmarks/memory.py [--bert-base]
 """
@@ -23,8 +26,10 @@ import numpy as np
 
 from benchmarks import _common
 from benchmarks import _steps
+from jaxrank import cli
 
 MB = 2 ** 20
+ALORA_SMALL_CHUNK = 4
 
 
 def _nbytes(tree) -> int:
@@ -34,8 +39,15 @@ def _nbytes(tree) -> int:
 def measure(label, base, params, config, batch_size, seq_len):
   batch = jax.tree.map(jnp.asarray, _steps.random_batch(batch_size, seq_len, config.vocab_size))
   rows = []
-  for name in _steps.METHODS:
-    built = _steps.build(name, base, params, batch, steps=1000)
+  # ALoRA's round scores chunk_size ranks per vmapped call (2 x chunk x scoring rows sequences
+  # at once): the default 32 and a small chunk, to show that knob's effect on the peak
+  small_chunk = cli.build_method("alora", cli.MethodOptions(rank=8, budget_rank=4,
+                                                            alora_chunk_size=ALORA_SMALL_CHUNK),
+                                 1000)
+  variants = [(name, None) for name in _steps.METHODS]
+  variants.append((f"alora chunk {ALORA_SMALL_CHUNK}", small_chunk))
+  for name, method in variants:
+    built = _steps.build(name, base, params, batch, steps=1000, method=method)
     stats = built.step.lower(built.frozen, built.state, batch).compile().memory_analysis()
     peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes
             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)

@@ -6,15 +6,18 @@ step; SaLoRA: hard-concrete sampling in the forward, density Lagrangian, Lagrang
 proximal gate step), AdamW on the head, dropout on. All adapters have the same shapes
 (``r = 8`` on query and value), so the difference is the method's own work.
 
-Steps of all methods are *interleaved* (one step of each method per iteration) so that load from
-other jobs hits all of them alike; the overhead is the median over iterations of
-``t_method / t_lora`` of the same iteration. ALoRA is amortised over one cycle:
+Steps of all methods are *interleaved* (one step of each method per iteration, in an order
+rotated every iteration) so that load from other jobs hits all of them alike; the overhead is
+the median over iterations of ``t_method / t_lora`` of the same iteration, printed with the
+interquartile range of those ratios (``overhead_iqr_%``: the step-to-step noise). ALoRA is amortised over one cycle:
 ``(K2 · t_normal + t_round) / K2 / t_lora − 1`` with ``t_round`` the step that also scores
 every live rank (2R+1 forwards on 8 validation rows), prunes and reallocates; ``K2`` defaults to
 what ``jaxrank finetune --steps 1000`` uses (250). Also timed alone: each method's optax
-transform (``tx.update``) on the real gradient tree, to see what bounds a missed target.
+transform (``tx.update``) on the real gradient tree, and XLA's static count of each compiled
+step's FLOPs and bytes accessed against LoRA's (noise-free: what work the method adds), to see
+what bounds a missed target. ``benchmarks/step_profile.py --methods lora,sora`` profiles where.
 
-Run:  python benchmarks/method_overhead.py [--quick] [--repeats 10] [--models minilm,bert-base]
+Run:  python benchmarks/method_overhead.py [--quick] [--repeats 20] [--models minilm,bert-base]
 ``--quick``: BERT-base at batch 8 × 128 instead of 32 × 128.
 """
 
@@ -49,19 +52,23 @@ def bench_model(label, base, params, config, *, batch_size, seq_len, warmup, rep
   calls = warmup + repeats
   # ALoRA: its first round is at the (calls + 2)-th optimizer step: cli's K1 = steps // 4
   alora_steps = 4 * (calls + 2)
-  built, compile_s = {}, {}
+  built, compile_s, cost = {}, {}, {}
   for name in _steps.METHODS:
     steps = alora_steps if name == "alora" else 1000
     b = _steps.build(name, base, params, batch, steps=steps)
     start = time.perf_counter()
     b.step = b.step.lower(b.frozen, b.state, batch).compile()
     compile_s[name] = time.perf_counter() - start
+    cost[name] = _common.xla_cost(b.step)
     built[name] = b
     print(f"[{label}] compiled {name} in {compile_s[name]:.1f}s", flush=True)
 
   times = {n: [] for n in built}
+  names = list(built)
   for i in range(calls):
-    for name, b in built.items():
+    # rotate the order every iteration so that no method always runs right after another
+    for name in names[i % len(names):] + names[:i % len(names)]:
+      b = built[name]
       start = time.perf_counter()
       b.state, loss = _block(b.step(b.frozen, b.state, batch))
       times[name].append(time.perf_counter() - start)
@@ -105,11 +112,17 @@ def bench_model(label, base, params, config, *, batch_size, seq_len, warmup, rep
   for name in built:
     ratios = [t / l for t, l in zip(times[name], lora)]
     med = statistics.median(times[name])
+    quartiles = statistics.quantiles(ratios, n=4)
     row = {"model": label, "method": name, "step_s": med,
            "overhead_%": 100 * (statistics.median(ratios) - 1),
+           "overhead_iqr_%": f"{100 * (quartiles[0] - 1):.1f}..{100 * (quartiles[2] - 1):.1f}",
            "transform_ms": 1e3 * transform_times[name],
            "transform_%_of_lora_step": 100 * transform_times[name] / lora_med,
            "compile_s": compile_s[name], "target_%": TARGETS.get(name)}
+    if name != "alora":  # XLA's static count would include ALoRA's round branch
+      for key, column in (("flops", "xla_flops_vs_lora_%"), ("bytes accessed",
+                                                           "xla_bytes_vs_lora_%")):
+        row[column] = 100 * (cost[name][key] / cost["lora"][key] - 1)
     if name == "alora":
       normal_ratio = statistics.median(ratios)
       round_ratio = statistics.median([t / l for t, l in zip(round_times, round_lora)])
@@ -130,7 +143,7 @@ def bench_model(label, base, params, config, *, batch_size, seq_len, warmup, rep
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--round-repeats", type=int, default=2)
   parser.add_argument("--k2", type=int, default=250,
@@ -154,8 +167,9 @@ def main():
     rows += bench_model(f"bert-base(random) b{bsz}x128", base, params, config, batch_size=bsz,
                         seq_len=128, warmup=args.warmup, repeats=args.repeats,
                         round_repeats=args.round_repeats, k2=args.k2)
-  columns = ["model", "method", "step_s", "overhead_%", "target_%", "met", "transform_ms",
-             "transform_%_of_lora_step", "compile_s"]
+  columns = ["model", "method", "step_s", "overhead_%", "overhead_iqr_%", "target_%", "met",
+             "transform_ms", "transform_%_of_lora_step", "xla_flops_vs_lora_%",
+             "xla_bytes_vs_lora_%", "compile_s"]
   print(_common.table(rows, columns))
   alora_rows = [r for r in rows if r["method"] == "alora"]
   print(_common.table(alora_rows, ["model", "normal_step_overhead_%", "round_step_s",

@@ -50,6 +50,9 @@ class MethodOptions:
   adalora_lr_factor: float = 5.0
   alora_rounds: int = 2
   alora_scoring_examples: int = 8
+  # ranks scored per vmapped call in an ALoRA round: that call runs 2 x chunk x scoring rows
+  # sequences at once, which sets the round's memory (see benchmarks/memory.py)
+  alora_chunk_size: int = 32
 
 
 def build_method(name: str, options: MethodOptions, steps: int):
@@ -200,7 +203,8 @@ def _alora(options: MethodOptions, steps: int):
                        warmup_steps=warmup, recovery_steps=recovery, num_rounds=rounds,
                        ranks_per_round=per_round, total_steps=steps,
                        validation_batch=_first(ctx.validation_batch,
-                                               options.alora_scoring_examples))
+                                               options.alora_scoring_examples),
+                       chunk_size=options.alora_chunk_size)
 
   return train.Method(name="alora", adapter=spec, optimizer=optimizer, separate_head=False)
 

@@ -14,6 +14,8 @@ compilation does not embed 90 MB of weights), computes ``task loss + method pena
 applies one optax update: the method's transform on the adapter collections and AdamW on the
 head (:func:`with_head`).
 
+For a loop of your own, :func:`setup` and :func:`make_train_step` are ``fit``'s set-up and step.
+
 A :class:`Method` is what a rank method plugs in: the adapter spec, a builder of its optax
 transform, an extra loss term, optional variable preparation/finalisation and a way to read
 the learned rank pattern. :func:`lora_method` and :func:`frozen_method` are the two reference
@@ -339,6 +341,106 @@ def make_eval_step(model, task: Task):
   return eval_step
 
 
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything :func:`fit` builds before its loop (see :func:`setup`).
+
+  Attributes:
+    model: the wrapped model (``base_model`` itself for the frozen baseline).
+    frozen: the variables that do not train (the base ``params`` without the head, plus
+      method collections such as SaLoRA's multiplier that live outside ``lora``/``gates``).
+    state: the initial :class:`TrainState` (its arrays are the step's own copies, safe to
+      donate).
+    tx: the optax transform of the whole trainable tree (method + head).
+    loss_fn: the deterministic task loss ``loss_fn(trainable, batch)`` (:class:`MethodContext`).
+    head_params: the freshly initialised head.
+  """
+
+  model: Any
+  frozen: dict
+  state: TrainState
+  tx: optax.GradientTransformation
+  loss_fn: Callable
+  head_params: dict
+
+
+def setup(base_model, variables, method: Method, task: Task, *, first_batch: Batch,
+          steps: int, learning_rate: float, head_learning_rate: Optional[float] = None,
+          head: Sequence[str] = (), targets: Any = "all-linear", seed: int = 0,
+          validation_batch: Optional[Batch] = None) -> TrainSetup:
+  """Wraps ``base_model``, initialises the adapters and the optimizer: :func:`fit`'s set-up.
+
+  ``first_batch`` fixes the input shapes of ``init``; the other arguments are :func:`fit`'s.
+  """
+  model = _wrap_model(base_model, method, targets)
+  key_init, key_train = jax.random.split(jax.random.key(seed))
+  params = _variables._plain(variables)["params"]
+  if method.adapter is not None:
+    init_vars = _init_adapters(model, task, first_batch, key_init)
+    full = {**_variables._plain(init_vars), "params": params}
+    if method.prepare is not None:
+      full = method.prepare(model, full)
+  else:
+    full = {"params": params}
+  body, head_params = split_head(full["params"], head)
+  frozen = {**{k: v for k, v in full.items() if k not in _variables.TRAINABLE_COLLECTIONS},
+            "params": body}
+  trainable = {k: v for k, v in full.items() if k in _variables.TRAINABLE_COLLECTIONS}
+  # the step donates its state: never let it alias the caller's arrays
+  trainable[HEAD] = jax.tree.map(lambda x: jnp.array(x, copy=True), head_params)
+
+  schedule = warmup_linear_schedule(learning_rate, steps)
+  head_schedule = warmup_linear_schedule(head_learning_rate or learning_rate, steps)
+
+  def loss_fn(trainable_, batch):
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)
+    head_leaves = jax.tree.leaves(trainable_.get(HEAD), is_leaf=is_masked)
+    if not head_leaves or any(is_masked(x) for x in head_leaves):
+      trainable_ = {**trainable_, HEAD: head_params}  # a masked head: use the initial one
+    outputs = task.apply(model, join(frozen, trainable_), batch, deterministic=True)
+    return task.loss(outputs, batch)
+
+  ctx = MethodContext(model=model, total_steps=steps, learning_rate=learning_rate,
+                      schedule=schedule, loss_fn=loss_fn, validation_batch=validation_batch,
+                      num_matrices=(len(_variables.adapter_layers(model, full))
+                                    if method.adapter is not None else 0))
+  tx = method.optimizer(ctx)
+  if method.separate_head:
+    tx = with_head(tx, optax.adamw(head_schedule, weight_decay=0.0))
+  state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), key_train)
+  return TrainSetup(model, frozen, state, tx, loss_fn, head_params)
+
+
+def make_train_step(model, method: Method, task: Task, tx: optax.GradientTransformation, *,
+                    deterministic: bool = False) -> Callable:
+  """The (unjitted) train step ``step(frozen, state, batch) -> (state, task_loss)``.
+
+  One optax update of ``task loss + method.penalty``: fresh rngs for ``'dropout'`` and the
+  method's ``train_rngs`` are split from ``state.rng`` every step. ``deterministic=True``
+  switches the model's dropout off. :func:`fit` runs it as
+  ``jax.jit(step, donate_argnums=1)``.
+  """
+  names = tuple(dict.fromkeys(("dropout",) + tuple(method.train_rngs)))
+
+  def train_step(frozen, state: TrainState, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    rngs = dict(zip(names, jax.random.split(step_rng, len(names))))
+
+    def objective(trainable):
+      full_vars = join(frozen, trainable)
+      outputs = task.apply(model, full_vars, batch, rngs=rngs, deterministic=deterministic)
+      task_loss = task.loss(outputs, batch)
+      extra = method.penalty(model, full_vars) if method.penalty is not None else 0.0
+      return task_loss + extra, task_loss
+
+    (_, task_loss), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    return TrainState(state.step + 1, trainable, opt_state, rng), task_loss
+
+  return train_step
+
+
 def fit(
     base_model,
     variables,
@@ -376,7 +478,7 @@ def fit(
     head: names of the ``params`` modules that are trained in full (the fresh task head).
     targets: adapter targets when ``method.targets`` is None.
     on_eval: called as ``on_eval(step, record, state)`` after each periodic evaluation (e.g.
-      to write a checkpoint).
+      to write a checkpoint). The next step donates ``state``'s buffers: copy what you keep.
     eval_at_start: also evaluate before the first step (history entry with ``step`` 0).
 
   Returns:
@@ -385,61 +487,13 @@ def fit(
   """
   start = time.perf_counter()
   eval_batch_size = eval_batch_size or batch_size
-  model = _wrap_model(base_model, method, targets)
-  key_init, key_train = jax.random.split(jax.random.key(seed))
-  first = next(batches(train_data, batch_size, seed=seed))
-  params = _variables._plain(variables)["params"]
-  if method.adapter is not None:
-    init_vars = _init_adapters(model, task, first, key_init)
-    full = {**_variables._plain(init_vars), "params": params}
-    if method.prepare is not None:
-      full = method.prepare(model, full)
-  else:
-    full = {"params": params}
-  body, head_params = split_head(full["params"], head)
-  frozen = {**{k: v for k, v in full.items() if k not in _variables.TRAINABLE_COLLECTIONS},
-            "params": body}
-  trainable = {k: v for k, v in full.items() if k in _variables.TRAINABLE_COLLECTIONS}
-  trainable[HEAD] = head_params
-
-  schedule = warmup_linear_schedule(learning_rate, steps)
-  head_schedule = warmup_linear_schedule(head_learning_rate or learning_rate, steps)
-
-  def loss_fn(trainable_, batch):
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)
-    head_leaves = jax.tree.leaves(trainable_.get(HEAD), is_leaf=is_masked)
-    if not head_leaves or any(is_masked(x) for x in head_leaves):
-      trainable_ = {**trainable_, HEAD: head_params}  # a masked head: use the initial one
-    outputs = task.apply(model, join(frozen, trainable_), batch, deterministic=True)
-    return task.loss(outputs, batch)
-
   validation_batch = next(eval_batches(eval_data, batch_size)) if eval_data is not None else None
-  ctx = MethodContext(model=model, total_steps=steps, learning_rate=learning_rate,
-                      schedule=schedule, loss_fn=loss_fn, validation_batch=validation_batch,
-                      num_matrices=(len(_variables.adapter_layers(model, full))
-                                    if method.adapter is not None else 0))
-  tx = method.optimizer(ctx)
-  if method.separate_head:
-    tx = with_head(tx, optax.adamw(head_schedule, weight_decay=0.0))
-  state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), key_train)
-
-  @jax.jit
-  def train_step(frozen, state: TrainState, batch):
-    rng, step_rng = jax.random.split(state.rng)
-    names = tuple(dict.fromkeys(("dropout",) + tuple(method.train_rngs)))
-    rngs = dict(zip(names, jax.random.split(step_rng, len(names))))
-
-    def objective(trainable):
-      full_vars = join(frozen, trainable)
-      outputs = task.apply(model, full_vars, batch, rngs=rngs, deterministic=False)
-      task_loss = task.loss(outputs, batch)
-      extra = method.penalty(model, full_vars) if method.penalty is not None else 0.0
-      return task_loss + extra, task_loss
-
-    (_, task_loss), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    return TrainState(state.step + 1, trainable, opt_state, rng), task_loss
+  prepared = setup(base_model, variables, method, task,
+                   first_batch=next(batches(train_data, batch_size, seed=seed)), steps=steps,
+                   learning_rate=learning_rate, head_learning_rate=head_learning_rate,
+                   head=head, targets=targets, seed=seed, validation_batch=validation_batch)
+  model, frozen, state = prepared.model, prepared.frozen, prepared.state
+  train_step = jax.jit(make_train_step(model, method, task, prepared.tx), donate_argnums=1)
 
   eval_step = make_eval_step(model, task)
   history = []

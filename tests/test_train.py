@@ -1,0 +1,81 @@
+"""jaxrank.train: fit = setup + a jitted, donating make_train_step; the caller's arrays survive."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from jaxrank import train
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    h = nn.Dropout(0.2)(nn.tanh(nn.Dense(8, name="body")(x)), deterministic=deterministic)
+    return nn.Dense(3, name="classifier")(h)
+
+
+def _task():
+  def apply(model, variables, batch, rngs=None, deterministic=True):
+    return model.apply(variables, batch["x"], deterministic=deterministic, rngs=rngs or {})
+  return train.Task(apply=apply, loss=train.classification_loss,
+                    metrics=train.classification_metrics,
+                    summarize=train.summarize_classification)
+
+
+def _data(n=96):
+  x = np.random.default_rng(0).normal(size=(n, 5)).astype(np.float32)
+  return {"x": x, "labels": (np.argmax(x[:, :3], -1)).astype(np.int32)}
+
+
+def _variables():
+  return Net().init(jax.random.key(0), _data()["x"][:1])
+
+
+@pytest.mark.parametrize("method", [train.lora_method(rank=2), train.frozen_method()],
+                         ids=["lora", "frozen"])
+def test_fit_is_setup_plus_make_train_step(method):
+  data, variables, steps, batch_size = _data(), _variables(), 5, 16
+  result = train.fit(Net(), variables, method, _task(), train_data=data, steps=steps,
+                     batch_size=batch_size, head=("classifier",), learning_rate=1e-2,
+                     progress=False, seed=3)
+
+  prepared = train.setup(Net(), variables, method, _task(),
+                         first_batch=next(train.batches(data, batch_size, seed=3)), steps=steps,
+                         learning_rate=1e-2, head=("classifier",), seed=3)
+  step = jax.jit(train.make_train_step(prepared.model, method, _task(), prepared.tx),
+                 donate_argnums=1)
+  state, iterator = prepared.state, train.batches(data, batch_size, seed=3)
+  for _ in range(steps):
+    state, loss = step(prepared.frozen, state, next(iterator))
+  assert int(state.step) == steps and np.isfinite(float(loss))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               state.trainable, result.state.trainable)
+  # it trained: the head moved away from its initial value
+  assert not np.allclose(state.trainable["head"]["classifier"]["kernel"],
+                         variables["params"]["classifier"]["kernel"])
+
+
+def test_fit_donates_its_state_but_never_the_callers_arrays():
+  variables = _variables()
+  before = jax.tree.map(np.array, variables)
+  train.fit(Net(), variables, train.lora_method(rank=2), _task(), train_data=_data(), steps=3,
+            batch_size=16, head=("classifier",), progress=False)
+  # the head (trained, so donated by every step) started as a copy of the caller's arrays
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, variables), before)
+
+
+def test_make_train_step_deterministic_switches_dropout_off():
+  data, variables, method = _data(), _variables(), train.lora_method(rank=2)
+  batch = next(train.batches(data, 16, seed=0))
+  prepared = train.setup(Net(), variables, method, _task(), first_batch=batch, steps=4,
+                         learning_rate=1e-2, head=("classifier",))
+  losses = {}
+  for deterministic in (True, False):
+    step = jax.jit(train.make_train_step(prepared.model, method, _task(), prepared.tx,
+                                         deterministic=deterministic))
+    losses[deterministic] = float(step(prepared.frozen, prepared.state, batch)[1])
+  # without dropout the step's loss is the deterministic task loss at the initial state
+  assert losses[True] == pytest.approx(float(prepared.loss_fn(prepared.state.trainable, batch)),
+                                       rel=1e-6)
+  assert losses[False] != pytest.approx(losses[True], rel=1e-6)
