@@ -32,6 +32,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -79,7 +80,9 @@ def profile(compiled, args_, repeats: int) -> tuple[list, float]:
   wall = (time.perf_counter() - start) / repeats
   jax.profiler.stop_trace()
   trace = glob.glob(os.path.join(directory, "**", "*.json.gz"), recursive=True)[0]
-  events = json.load(gzip.open(trace))["traceEvents"]
+  with gzip.open(trace) as f:
+    events = json.load(f)["traceEvents"]
+  shutil.rmtree(directory, ignore_errors=True)
   return [(e["name"], e["dur"]) for e in events if e.get("ph") == "X"], wall
 
 

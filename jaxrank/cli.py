@@ -50,9 +50,10 @@ class MethodOptions:
   adalora_lr_factor: float = 5.0
   alora_rounds: int = 2
   alora_scoring_examples: int = 8
-  # ranks scored per vmapped call in an ALoRA round: that call runs 2 x chunk x scoring rows
-  # sequences at once, which sets the round's memory (see benchmarks/memory.py)
-  alora_chunk_size: int = 32
+  # ranks scored per vmapped call in an ALoRA round (that call runs 2 x chunk x scoring rows
+  # sequences at once). None: 1 on CPU, where one pair of forwards at a time is fastest and
+  # needs the least memory (MiniLM round 16 s vs 32 s at 32, benchmarks/README.md), else 32.
+  alora_chunk_size: Optional[int] = None
 
 
 def build_method(name: str, options: MethodOptions, steps: int):
@@ -185,6 +186,13 @@ def _first(batch, n: int):
   return None if batch is None else {k: v[:n] for k, v in batch.items()}
 
 
+def _alora_chunk_size(options: MethodOptions) -> int:
+  if options.alora_chunk_size is not None:
+    return options.alora_chunk_size
+  import jax
+  return 1 if jax.default_backend() == "cpu" else 32
+
+
 def _alora(options: MethodOptions, steps: int):
   import optax
   from jaxrank import train
@@ -204,7 +212,7 @@ def _alora(options: MethodOptions, steps: int):
                        ranks_per_round=per_round, total_steps=steps,
                        validation_batch=_first(ctx.validation_batch,
                                                options.alora_scoring_examples),
-                       chunk_size=options.alora_chunk_size)
+                       chunk_size=_alora_chunk_size(options))
 
   return train.Method(name="alora", adapter=spec, optimizer=optimizer, separate_head=False)
 

@@ -99,3 +99,10 @@ def test_every_method_ends_within_the_rank_budget(tmp_path, method):
   assert 0 < sum(ranks) <= 2 * 12  # the budget: average rank 2 over 12 matrices
   config = json.loads((out / "adapter" / "adapter_config.json").read_text())
   assert config["rank_pattern"] == summary["rank_pattern"]  # compacted to the live ranks
+
+
+def test_alora_scoring_chunk_defaults_to_one_on_cpu_and_can_be_set():
+  import jax
+  default = cli._alora_chunk_size(cli.MethodOptions())
+  assert default == (1 if jax.default_backend() == "cpu" else 32)
+  assert cli._alora_chunk_size(cli.MethodOptions(alora_chunk_size=16)) == 16
