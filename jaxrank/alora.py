@@ -663,7 +663,9 @@ def alora(
     validation_batch: B_val; may instead be passed to ``update(..., validation_batch=...)``.
       Any pytree: it can also carry the frozen base params, so that ``loss_fn`` need not
       close over them (closed-over arrays become constants of the compiled step).
-    chunk_size: slots per vmapped scoring call (memory vs speed).
+    chunk_size: slots per vmapped scoring call (memory vs speed; a call runs
+      ``2 * chunk_size`` forwards of the validation batch at once). On CPU 1 is fastest and
+      lightest (benchmarks/alora_round.py); batching pays on accelerators.
     seed: seeds the re-initialisation of new ``A`` columns.
     axis_name: under ``pmap``/``shard_map``, the mapped axis over which the scores are
       averaged (``lax.pmean``) before ranking, so every device prunes and adds the same ranks
