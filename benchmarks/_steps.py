@@ -12,12 +12,14 @@ fresh state. The methods come from
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import _common
 from jaxrank import cli
 from jaxrank import train
 from jaxrank.models import bert
@@ -73,6 +75,34 @@ def build(name: str, base, params, batch, *, rank: int = 8, budget_rank: int = 4
   step = jax.jit(step_fn, donate_argnums=(1,) if donate else ())
   return Built(name, prepared.model, method, prepared.tx, prepared.frozen, prepared.state, step,
                step_fn, transform)
+
+
+def compile_step(built: Built, batch) -> tuple[Callable, float]:
+  """``built.step`` compiled ahead for ``batch``, and the seconds that took."""
+  start = time.perf_counter()
+  compiled = built.step.lower(built.frozen, built.state, batch).compile()
+  return compiled, time.perf_counter() - start
+
+
+def timed_step(step: Callable, frozen, state, batch) -> tuple[float, train.TrainState]:
+  """``(seconds, new_state)`` of one step from ``state`` (donated), waited for."""
+  start = time.perf_counter()
+  state, loss = step(frozen, state, batch)
+  jax.block_until_ready(loss)
+  return time.perf_counter() - start, state
+
+
+def time_steps(step: Callable, built: Built, batch, *, warmup: int,
+               repeats: int) -> tuple[float, list, train.TrainState]:
+  """``(median_s, times_s, final_state)`` of ``repeats`` steps after ``warmup`` from
+  ``built.state``."""
+  holder = {"state": built.state}
+
+  def one():
+    _, holder["state"] = timed_step(step, built.frozen, holder["state"], batch)
+
+  median, times = _common.median_time(one, warmup=warmup, repeats=repeats)
+  return median, times, holder["state"]
 
 
 def copy_tree(tree):

@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,13 +24,6 @@ import jax.numpy as jnp
 from benchmarks import _common
 from benchmarks import _steps
 from jaxrank import cli
-
-
-def _timed(compiled, frozen, state, batch):
-  start = time.perf_counter()
-  state, loss = compiled(frozen, state, batch)
-  jax.block_until_ready(loss)
-  return time.perf_counter() - start, state
 
 
 def main():
@@ -47,14 +39,14 @@ def main():
     method = cli.build_method("alora", cli.MethodOptions(rank=8, budget_rank=4,
                                                          alora_chunk_size=chunk), steps)
     built = _steps.build("alora", base, params, batch, steps=steps, method=method)
-    compiled = built.step.lower(built.frozen, built.state, batch).compile()
+    compiled, _ = _steps.compile_step(built, batch)
     state = built.state
     while int(state.step) < steps // 4 - 1:
-      _, state = _timed(compiled, built.frozen, state, batch)
-    round_times = [_timed(compiled, built.frozen, _steps.copy_tree(state), batch)[0]
+      _, state = _steps.timed_step(compiled, built.frozen, state, batch)
+    round_times = [_steps.timed_step(compiled, built.frozen, _steps.copy_tree(state), batch)[0]
                    for _ in range(args.repeats)]
-    _, after = _timed(compiled, built.frozen, state, batch)  # the round, then a normal step
-    normal, _ = _timed(compiled, built.frozen, after, batch)
+    _, after = _steps.timed_step(compiled, built.frozen, state, batch)  # the round
+    normal, _ = _steps.timed_step(compiled, built.frozen, after, batch)  # then a normal step
     row = {"chunk_size": chunk, "sequences_per_call": 2 * chunk * 8,
            "round_step_s": statistics.median(round_times), "normal_step_s": normal,
            "round_in_normal_steps": statistics.median(round_times) / normal,

@@ -14,7 +14,6 @@ Run:  python benchmarks/flops.py [--repeats 10]
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,17 +59,10 @@ def main():
   rows = []
   for dropout in (True, False):
     built = _steps.build("lora", base, params, batch, dropout=dropout)
-    start = time.perf_counter()
-    compiled = built.step.lower(built.frozen, built.state, batch).compile()
-    compile_s = time.perf_counter() - start
+    compiled, compile_s = _steps.compile_step(built, batch)
     xla_flops = _common.xla_cost(compiled)["flops"]
-    holder = {"state": built.state}
-
-    def step():
-      holder["state"], loss = compiled(built.frozen, holder["state"], batch)
-      jax.block_until_ready(loss)
-
-    t, times = _common.median_time(step, warmup=args.warmup, repeats=args.repeats)
+    t, times, _ = _steps.time_steps(compiled, built, batch, warmup=args.warmup,
+                                    repeats=args.repeats)
     rows.append({
         "step": f"lora q,v r8 minilm b32x128 dropout {'on' if dropout else 'off'}",
         "step_s": t, "xla_gflop": xla_flops / 1e9, "analytic_gflop": analytic / 1e9,

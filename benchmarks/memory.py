@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import _common
 from benchmarks import _steps
@@ -49,7 +48,7 @@ def measure(label, base, params, config, batch_size, seq_len):
   variants.append((f"alora chunk {ALORA_OTHER_CHUNK}", other_chunk))
   for name, method in variants:
     built = _steps.build(name, base, params, batch, steps=1000, method=method)
-    stats = built.step.lower(built.frozen, built.state, batch).compile().memory_analysis()
+    stats = _steps.compile_step(built, batch)[0].memory_analysis()
     peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes
             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
     rows.append({"model": label, "method": name,

@@ -25,7 +25,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,11 +39,6 @@ from jaxrank.alora import ALoRAState
 TARGETS = {"sora": 2.0, "adalora": 3.0, "salora": 5.0, "alora": 10.0}
 
 
-def _block(out):
-  jax.block_until_ready(out)
-  return out
-
-
 def bench_model(label, base, params, config, *, batch_size, seq_len, warmup, repeats,
                 round_repeats, k2):
   batch = _steps.random_batch(batch_size, seq_len, config.vocab_size)
@@ -56,9 +50,7 @@ def bench_model(label, base, params, config, *, batch_size, seq_len, warmup, rep
   for name in _steps.METHODS:
     steps = alora_steps if name == "alora" else 1000
     b = _steps.build(name, base, params, batch, steps=steps)
-    start = time.perf_counter()
-    b.step = b.step.lower(b.frozen, b.state, batch).compile()
-    compile_s[name] = time.perf_counter() - start
+    b.step, compile_s[name] = _steps.compile_step(b, batch)
     cost[name] = _common.xla_cost(b.step)
     built[name] = b
     print(f"[{label}] compiled {name} in {compile_s[name]:.1f}s", flush=True)
@@ -69,27 +61,21 @@ def bench_model(label, base, params, config, *, batch_size, seq_len, warmup, rep
     # rotate the order every iteration so that no method always runs right after another
     for name in names[i % len(names):] + names[:i % len(names)]:
       b = built[name]
-      start = time.perf_counter()
-      b.state, loss = _block(b.step(b.frozen, b.state, batch))
-      times[name].append(time.perf_counter() - start)
+      t, b.state = _steps.timed_step(b.step, b.frozen, b.state, batch)
+      times[name].append(t)
   times = {n: t[warmup:] for n, t in times.items()}
   lora = times["lora"]
 
   # ALoRA round step: advance to one step before the round, then time the round from copies.
   a = built["alora"]
   while int(a.state.step) < calls + 1:
-    a.state, _ = _block(a.step(a.frozen, a.state, batch))
+    _, a.state = _steps.timed_step(a.step, a.frozen, a.state, batch)
   snapshot = _steps.copy_tree(a.state)
   round_times, round_lora = [], []
   for j in range(1 + round_repeats):
-    state = _steps.copy_tree(snapshot)
-    start = time.perf_counter()
-    new_state, _ = _block(a.step(a.frozen, state, batch))
-    t = time.perf_counter() - start
+    t, new_state = _steps.timed_step(a.step, a.frozen, _steps.copy_tree(snapshot), batch)
     b = built["lora"]
-    start = time.perf_counter()
-    b.state, _ = _block(b.step(b.frozen, b.state, batch))
-    tl = time.perf_counter() - start
+    tl, b.state = _steps.timed_step(b.step, b.frozen, b.state, batch)
     if j:
       round_times.append(t)
       round_lora.append(tl)
@@ -104,7 +90,8 @@ def bench_model(label, base, params, config, *, batch_size, seq_len, warmup, rep
     opt_state = b.tx.init(b.state.trainable)  # step 0: ALoRA's round branch is not taken
     fn = jax.jit(b.transform).lower(grads, opt_state, b.state.trainable).compile()
     med, _ = _common.median_time(
-        lambda: _block(fn(grads, opt_state, b.state.trainable)), warmup=2, repeats=repeats)
+        lambda: jax.block_until_ready(fn(grads, opt_state, b.state.trainable)), warmup=2,
+        repeats=repeats)
     transform_times[name] = med
 
   rows = []

@@ -19,7 +19,6 @@ Run:  python benchmarks/peft_side_by_side.py [--repeats 10]
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -112,17 +111,10 @@ def main():
       torch_med, torch_times = _common.median_time(step, warmup=args.warmup,
                                                    repeats=args.repeats)
       b = jax_built(method, dropout, base, params, batch)
-      start = time.perf_counter()
-      compiled = b.step.lower(b.frozen, b.state, batch).compile()
-      compile_s = time.perf_counter() - start
-      holder = {"state": b.state}
-
-      def jstep():
-        holder["state"], loss = compiled(b.frozen, holder["state"], batch)
-        jax.block_until_ready(loss)
-
-      jax_med, jax_times = _common.median_time(jstep, warmup=args.warmup, repeats=args.repeats)
-      jax_trainable = int(sum(np.size(x) for x in jax.tree.leaves(holder["state"].trainable)))
+      compiled, compile_s = _steps.compile_step(b, batch)
+      jax_med, jax_times, state = _steps.time_steps(compiled, b, batch, warmup=args.warmup,
+                                                    repeats=args.repeats)
+      jax_trainable = int(sum(np.size(x) for x in jax.tree.leaves(state.trainable)))
       row = {"method": method, "dropout": "on" if dropout else "off",
              "peft_s": torch_med, "jaxrank_s": jax_med, "jaxrank/peft": jax_med / torch_med,
              "jax_compile_s": compile_s, "peft_trainable": torch_trainable,
@@ -131,7 +123,7 @@ def main():
       rows.append(row)
       print(_common.table([row], ["method", "dropout", "peft_s", "jaxrank_s", "jaxrank/peft"]),
             flush=True)
-      del step, b, compiled, holder
+      del step, b, compiled, state
   print(_common.table(rows, ["method", "dropout", "peft_s", "jaxrank_s", "jaxrank/peft",
                              "jax_compile_s", "peft_trainable", "jaxrank_trainable"]))
   path = _common.write_json("peft_side_by_side.json", {"args": vars(args), "rows": rows})

@@ -69,14 +69,14 @@ def component_of(op_name: str) -> str:
   return "/".join(path.split("/")[:3])
 
 
-def profile(compiled, args_, repeats: int) -> tuple[list, float]:
+def profile(compiled, frozen, state, batch, repeats: int) -> tuple[list, float]:
   """``([(thunk_name, microseconds), ...], wall_s_per_step)`` over ``repeats`` traced steps."""
   directory = tempfile.mkdtemp(prefix="jaxrank-profile-")
   jax.profiler.start_trace(directory, create_perfetto_trace=True)
   start = time.perf_counter()
   for _ in range(repeats):
-    args_[1] = compiled(*args_)[0]
-  jax.block_until_ready(args_[1])
+    state, loss = compiled(frozen, state, batch)
+  jax.block_until_ready(loss)
   wall = (time.perf_counter() - start) / repeats
   jax.profiler.stop_trace()
   trace = glob.glob(os.path.join(directory, "**", "*.json.gz"), recursive=True)[0]
@@ -88,7 +88,7 @@ def profile(compiled, args_, repeats: int) -> tuple[list, float]:
 
 def profile_step(built, batch, repeats: int) -> dict:
   """Profiles ``built``'s compiled step: wall time and thunk time by kind and by component."""
-  compiled = built.step.lower(built.frozen, built.state, batch).compile()
+  compiled, _ = _steps.compile_step(built, batch)
   op_names = {}
   for line in compiled.as_text().splitlines():
     match = _OP_NAME.match(line)
@@ -96,9 +96,8 @@ def profile_step(built, batch, repeats: int) -> dict:
       op_names.setdefault(match.group(1), match.group(2))
   state = built.state
   for _ in range(2):  # warm-up
-    state, loss = compiled(built.frozen, state, batch)
-  jax.block_until_ready(loss)
-  events, wall = profile(compiled, [built.frozen, state, batch], repeats)
+    _, state = _steps.timed_step(compiled, built.frozen, state, batch)
+  events, wall = profile(compiled, built.frozen, state, batch, repeats)
   by_kind, by_component = collections.Counter(), collections.Counter()
   for name, micros in events:
     if name not in op_names:
