@@ -12,6 +12,7 @@ fresh state. The methods come from
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from benchmarks import _common
 from jaxrank import cli
+from jaxrank import sharding
 from jaxrank import train
 from jaxrank.models import bert
 
@@ -58,23 +60,55 @@ def method_for(name: str, *, rank: int, budget_rank: int, steps: int):
 
 def build(name: str, base, params, batch, *, rank: int = 8, budget_rank: int = 4,
           steps: int = 1000, dropout: bool = True, targets=QV, learning_rate: float = 1e-4,
-          seed: int = 0, method=None, donate: bool = True) -> Built:
-  """Everything ``fit`` sets up before its loop, for method ``name`` (or ``method``)."""
+          seed: int = 0, method=None, donate: bool = True, mesh=None) -> Built:
+  """Everything ``fit`` sets up before its loop, for method ``name`` (or ``method``); with
+  ``mesh``, as ``fit(..., mesh=mesh)`` (variables replicated; place batches with
+  :func:`place_batch`)."""
   method = method or method_for(name, rank=rank, budget_rank=budget_rank, steps=steps)
   task = bert.classification_task()
   # ALoRA scores on the first 8 rows of a validation batch (cli's alora_scoring_examples)
   prepared = train.setup(base, {"params": params}, method, task, first_batch=batch,
                          steps=steps, learning_rate=learning_rate, head=bert.HEAD_MODULES,
-                         targets=targets, seed=seed, validation_batch=batch)
+                         targets=targets, seed=seed, validation_batch=batch, mesh=mesh)
   step_fn = train.make_train_step(prepared.model, method, task, prepared.tx,
                                   deterministic=not dropout)
 
   def transform(grads, opt_state, trainable):
     return prepared.tx.update(grads, opt_state, trainable)
 
-  step = jax.jit(step_fn, donate_argnums=(1,) if donate else ())
+  step = train.jit_train_step(step_fn, mesh, donate=donate)
   return Built(name, prepared.model, method, prepared.tx, prepared.frozen, prepared.state, step,
                step_fn, transform)
+
+
+def add_cpu_devices_option(parser, default: int = 0):
+  """``--cpu-devices``: how many XLA CPU devices the data-parallel run uses (0: one per core).
+  Pass ``args.cpu_devices`` to :func:`split_cpu` before any JAX work."""
+  parser.add_argument("--cpu-devices", type=int, default=default,
+                      help="XLA CPU devices of the data-parallel run (0: one per core)")
+
+
+def split_cpu(devices: int) -> int:
+  """Splits the CPU into ``devices`` XLA devices (0: one per core); call before any JAX work.
+
+  A computation placed on one of them still uses every core for its matmuls; a data-parallel
+  step over all of them also runs the batched matmuls (attention) on every core.
+  """
+  devices = devices or os.cpu_count() or 1
+  jax.config.update("jax_num_cpu_devices", devices)
+  return devices
+
+
+def data_mesh(devices: int):
+  """An Auto ``('data',)`` mesh over the first ``devices`` devices, or None for one device."""
+  if devices == 1:
+    return None
+  return sharding.data_parallel_mesh(jax.devices()[:devices])
+
+
+def place_batch(batch, mesh):
+  """``batch`` split over ``mesh``'s ``data`` axis as ``fit`` splits it (unchanged without)."""
+  return train.batch_placement(mesh, "data", batch_size=len(batch["input_ids"]))(batch)
 
 
 def compile_step(built: Built, batch) -> tuple[Callable, float]:

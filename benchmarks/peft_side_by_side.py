@@ -6,14 +6,19 @@ LoRA r = 8, alpha = 16 on query and value; AdaLoRA init_r = 12 → target_r = 8,
 deltaT = 1 (allocation every step: the worst case), total_step = 1000, orthogonality weight 0.5
 (PEFT's default; jaxrank uses its ``form="peft"`` penalty with the same weight). PEFT's step is
 forward (+ AdaLoRA's regulariser) + backward + ``opt.step()`` + ``update_and_allocate`` +
-``zero_grad``; torch runs with ``torch.set_num_threads(2)``. jaxrank's step is the one
-``jaxrank.train.fit`` runs (benchmarks/_steps.py), jitted, state donated. "Dropout off" sets the
+``zero_grad``; torch runs one thread per core (``torch.set_num_threads``). jaxrank's step is
+the one ``jaxrank.train.fit`` runs (benchmarks/_steps.py), jitted, state donated. "Dropout off" sets the
 model's hidden and attention dropout to 0 (PyTorch) / ``deterministic=True`` (jaxrank).
+
+jaxrank runs twice: on one XLA device, and data-parallel over ``--cpu-devices`` XLA devices that
+split the same cores (default: one per core; ``fit(..., mesh=...)``, the CLI's ``--cpu-devices``):
+XLA:CPU runs each batched matmul (attention's QKᵀ and PV) on a single core, so one device per
+core is what lets attention use them all. Both use the same cores as PyTorch's threads.
 
 For each configuration PyTorch runs its steps, then jaxrank runs its steps (not interleaved: the
 two runtimes' thread pools would fight); the median of ``--repeats`` steps after ``--warmup``.
 
-Run:  python benchmarks/peft_side_by_side.py [--repeats 10]
+Run:  python benchmarks/peft_side_by_side.py [--repeats 10] [--cpu-devices 0]
 """
 
 import argparse
@@ -73,7 +78,7 @@ def torch_step_fn(method: str, dropout: bool, batch):
   return step, trainable
 
 
-def jax_built(method: str, dropout: bool, base, params, batch):
+def jax_built(method: str, dropout: bool, base, params, batch, mesh):
   if method == "lora":
     m = train.lora_method(rank=8, alpha=16.0, weight_decay=WD)
     rank = 8
@@ -90,43 +95,54 @@ def jax_built(method: str, dropout: bool, base, params, batch):
                                                                            form="peft"))
     rank = 12
   return _steps.build(method, base, params, batch, method=m, rank=rank, dropout=dropout,
-                      steps=STEPS, learning_rate=LR)
+                      steps=STEPS, learning_rate=LR, mesh=mesh)
+
+
+def columns(devices: int) -> list:
+  return ["method", "dropout", "peft_s", "jaxrank_1dev_s", f"jaxrank_{devices}dev_s",
+          "jaxrank_1dev/peft", f"jaxrank_{devices}dev/peft"]
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
+  _steps.add_cpu_devices_option(parser)
   args = parser.parse_args()
+  devices = _steps.split_cpu(args.cpu_devices)  # before any JAX work
+  threads = os.cpu_count() or 1
   import torch
-  torch.set_num_threads(2)
+  torch.set_num_threads(threads)
 
   base, params, config = _steps.load_minilm()
   batch_np = _steps.random_batch(32, 128, config.vocab_size)
-  batch = jax.tree.map(jnp.asarray, batch_np)
   rows = []
   for method in ("lora", "adalora"):
     for dropout in (True, False):
       step, torch_trainable = torch_step_fn(method, dropout, batch_np)
       torch_med, torch_times = _common.median_time(step, warmup=args.warmup,
                                                    repeats=args.repeats)
-      b = jax_built(method, dropout, base, params, batch)
-      compiled, compile_s = _steps.compile_step(b, batch)
-      jax_med, jax_times, state = _steps.time_steps(compiled, b, batch, warmup=args.warmup,
-                                                    repeats=args.repeats)
-      jax_trainable = int(sum(np.size(x) for x in jax.tree.leaves(state.trainable)))
-      row = {"method": method, "dropout": "on" if dropout else "off",
-             "peft_s": torch_med, "jaxrank_s": jax_med, "jaxrank/peft": jax_med / torch_med,
-             "jax_compile_s": compile_s, "peft_trainable": torch_trainable,
-             "jaxrank_trainable": jax_trainable,
-             "peft_times_s": torch_times, "jaxrank_times_s": jax_times}
+      row = {"method": method, "dropout": "on" if dropout else "off", "torch_threads": threads,
+             "peft_s": torch_med, "peft_trainable": torch_trainable, "peft_times_s": torch_times}
+      for count in (1, devices):
+        mesh = _steps.data_mesh(count)
+        batch = _steps.place_batch(jax.tree.map(jnp.asarray, batch_np), mesh)
+        b = jax_built(method, dropout, base, params, batch, mesh)
+        compiled, compile_s = _steps.compile_step(b, batch)
+        jax_med, jax_times, state = _steps.time_steps(compiled, b, batch, warmup=args.warmup,
+                                                      repeats=args.repeats)
+        row[f"jaxrank_{count}dev_s"] = jax_med
+        row[f"jaxrank_{count}dev/peft"] = jax_med / torch_med
+        row[f"jaxrank_{count}dev_compile_s"] = compile_s
+        row[f"jaxrank_{count}dev_times_s"] = jax_times
+        row["jaxrank_trainable"] = int(sum(np.size(x) for x in jax.tree.leaves(state.trainable)))
+        del b, compiled, state
       rows.append(row)
-      print(_common.table([row], ["method", "dropout", "peft_s", "jaxrank_s", "jaxrank/peft"]),
-            flush=True)
-      del step, b, compiled, state
-  print(_common.table(rows, ["method", "dropout", "peft_s", "jaxrank_s", "jaxrank/peft",
-                             "jax_compile_s", "peft_trainable", "jaxrank_trainable"]))
-  path = _common.write_json("peft_side_by_side.json", {"args": vars(args), "rows": rows})
+      print(_common.table([row], columns(devices)), flush=True)
+      del step
+  print(_common.table(rows, columns(devices) + ["peft_trainable", "jaxrank_trainable"]))
+  path = _common.write_json("peft_side_by_side.json",
+                            {"args": vars(args), "cpu_devices": devices, "rows": rows})
   print("wrote", path)
 
 

@@ -15,13 +15,16 @@ to one of four kinds of work:
 XLA runs independent thunks concurrently, so the kinds' times can add up to a little more than
 the step's wall time (``sum of kinds``). Each kind's share of the step is printed with its
 analytic FLOPs (``flops.analytic_lora_flops``)
-and the rate that implies, against the float32 matmul peak measured in the same run.
+and the rate that implies, against the float32 matmul peak measured in the same run. With
+``--cpu-devices``, times, FLOPs and rates are per device, against each device's share of the
+peak.
 
 With ``--methods lora,sora,adalora`` each further method's profile is compared with the first's,
 component by component: where a method's step is slower than LoRA's, this shows which work
 grew.
 
 Run:  python benchmarks/step_profile.py [--repeats 3]
+      python benchmarks/step_profile.py --cpu-devices 0   # data-parallel, one device per core
       python benchmarks/step_profile.py --methods lora,sora,adalora --dropout on
 """
 
@@ -86,8 +89,9 @@ def profile(compiled, frozen, state, batch, repeats: int) -> tuple[list, float]:
   return [(e["name"], e["dur"]) for e in events if e.get("ph") == "X"], wall
 
 
-def profile_step(built, batch, repeats: int) -> dict:
-  """Profiles ``built``'s compiled step: wall time and thunk time by kind and by component."""
+def profile_step(built, batch, repeats: int, devices: int = 1) -> dict:
+  """Profiles ``built``'s compiled step: wall time and thunk time by kind and by component
+  (per device: a data-parallel step over ``devices`` runs every thunk once on each)."""
   compiled, _ = _steps.compile_step(built, batch)
   op_names = {}
   for line in compiled.as_text().splitlines():
@@ -105,7 +109,7 @@ def profile_step(built, batch, repeats: int) -> dict:
     is_matmul = name.startswith(("dot", "ynn_fusion", "xnn_fusion", "onednn"))
     kind = kind_of(op_names[name], is_matmul)
     direction = "backward" if "transpose(" in op_names[name] else "forward"
-    seconds = micros / 1e6 / repeats
+    seconds = micros / 1e6 / repeats / devices
     by_kind[kind] += seconds
     by_component[(direction, kind, component_of(op_names[name]))] += seconds
   return {"wall_s": wall, "by_kind": dict(by_kind), "by_component": by_component}
@@ -119,19 +123,25 @@ def main():
                            "after the first is also compared with the first, component by "
                            "component")
   parser.add_argument("--dropout", default="off,on", help="off, on or off,on")
+  _steps.add_cpu_devices_option(parser, default=1)
   args = parser.parse_args()
+  devices = _steps.split_cpu(args.cpu_devices)  # before any JAX work
+  mesh = _steps.data_mesh(devices)
 
   peak, _, _ = _common.matmul_peak()
+  share = peak / devices  # each data-parallel device's share of the machine's peak
   base, params, config = _steps.load_minilm()
-  batch = jax.tree.map(jnp.asarray, _steps.random_batch(32, 128, config.vocab_size))
-  work = flops.analytic_lora_flops(config, 32, 128)
+  batch = _steps.place_batch(
+      jax.tree.map(jnp.asarray, _steps.random_batch(32, 128, config.vocab_size)), mesh)
+  # per device: the data-parallel devices share the batch's work
+  work = {k: v / devices for k, v in flops.analytic_lora_flops(config, 32, 128).items()}
   methods = args.methods.split(",")
   rows, detail, differences = [], {}, []
   for label in args.dropout.split(","):
     profiles = {}
     for method in methods:
-      built = _steps.build(method, base, params, batch, dropout=label == "on")
-      profiles[method] = result = profile_step(built, batch, args.repeats)
+      built = _steps.build(method, base, params, batch, dropout=label == "on", mesh=mesh)
+      profiles[method] = result = profile_step(built, batch, args.repeats, devices)
       wall, by_kind = result["wall_s"], result["by_kind"]
       for kind in ("dense", "attention", "elementwise", "other"):
         analytic = {"dense": work["dense"] + work["lora"],
@@ -141,7 +151,7 @@ def main():
                      "%_of_step": 100 * t / wall,
                      "analytic_gflop": analytic / 1e9 if analytic else None,
                      "gflop_per_s": analytic / t / 1e9 if analytic and t else None,
-                     "%_of_peak": 100 * analytic / t / peak if analytic and t else None})
+                     "%_of_peak": 100 * analytic / t / share if analytic and t else None})
       # XLA runs independent thunks concurrently: the kinds may add up to more than the step
       rows.append({"method": method, "dropout": label, "kind": "sum of kinds",
                    "time_s": sum(by_kind.values()),
@@ -149,7 +159,7 @@ def main():
       rows.append({"method": method, "dropout": label, "kind": "step (traced)", "time_s": wall,
                    "%_of_step": 100.0, "analytic_gflop": work["total"] / 1e9,
                    "gflop_per_s": work["total"] / wall / 1e9,
-                   "%_of_peak": 100 * work["total"] / wall / peak})
+                   "%_of_peak": 100 * work["total"] / wall / share})
       key = f"{method}, dropout {label}"
       detail[key] = [{"direction": d, "kind": k, "component": c, "time_s": t}
                      for (d, k, c), t in result["by_component"].most_common()]
@@ -171,7 +181,8 @@ def main():
   print(f"\nf32 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s")
   print(_common.table(rows, ["method", "dropout", "kind", "time_s", "%_of_step",
                              "analytic_gflop", "gflop_per_s", "%_of_peak"]))
-  name = "step_profile.json" if methods == ["lora"] else f"step_profile_{'_'.join(methods)}.json"
+  name = "step_profile" if methods == ["lora"] else f"step_profile_{'_'.join(methods)}"
+  name += f"_{devices}devices.json" if devices > 1 else ".json"
   path = _common.write_json(name, {"args": vars(args), "peak_gflop_per_s": peak / 1e9,
                                    "rows": rows, "components": detail,
                                    "differences": differences})

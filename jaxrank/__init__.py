@@ -44,6 +44,7 @@ from jaxrank.peft_io import save_peft_adapter
 from jaxrank.salora import lagrangian_ascent
 from jaxrank.salora import SaLoRA
 from jaxrank.sharding import adapter_partition_specs
+from jaxrank.sharding import data_parallel_mesh
 from jaxrank.sharding import variable_shardings
 from jaxrank.sora import SoRA
 from jaxrank.sora import sora_l1_penalty
@@ -71,6 +72,7 @@ __all__ = (
     "collection_labels",
     "compact",
     "count_parameters",
+    "data_parallel_mesh",
     "delta_kernel",
     "effective_parameter_count",
     "join_variables",

@@ -63,7 +63,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 
 import jax

@@ -304,7 +304,7 @@ def load_setup(model: str, task: str, *, seed: int, train_examples: int, max_len
 def run_one(setup: Setup, method, *, steps: int, batch_size: int, learning_rate: float,
             head_learning_rate: Optional[float], eval_every: int, seed: int,
             output_dir: Optional[Path], progress: bool = True, checkpoint: bool = True,
-            eval_at_start: bool = False):
+            eval_at_start: bool = False, mesh=None):
   """Trains ``method``; writes metrics, heatmap, checkpoint and adapter under ``output_dir``."""
   from jaxrank import plots, train
 
@@ -317,7 +317,7 @@ def run_one(setup: Setup, method, *, steps: int, batch_size: int, learning_rate:
       eval_data=setup.eval_data, test_data=setup.test_data, steps=steps,
       batch_size=batch_size, eval_every=eval_every, learning_rate=learning_rate,
       head_learning_rate=head_learning_rate, head=setup.head, targets=setup.targets,
-      seed=seed, progress=progress, on_eval=on_eval, eval_at_start=eval_at_start)
+      seed=seed, progress=progress, on_eval=on_eval, eval_at_start=eval_at_start, mesh=mesh)
   if output_dir is not None:
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = {"method": method.name, "final_metrics": result.final_metrics,
@@ -369,9 +369,34 @@ def _row(result, metric: str) -> dict:
 
 
 # --- commands -----------------------------------------------------------------------------
-def _configure_jax():
+def _configure_jax(cpu_devices: int = 1, batch_size: int = 1):
+  """Environment for offline runs; with ``cpu_devices`` != 1, splits the CPU into that many XLA
+  devices (0: one per core) and returns a data-parallel mesh over them (else None)."""
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  if cpu_devices == 1:
+    return None
+  if cpu_devices < 0:
+    raise typer.BadParameter(f"--cpu-devices must be >= 0 (0: one per core), got {cpu_devices}.")
+  import jax
+  count = cpu_devices or os.cpu_count() or 1
+  if batch_size % count:
+    raise typer.BadParameter(f"--batch-size {batch_size} does not split over --cpu-devices "
+                             f"{count}: use a multiple of {count}.")
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError as error:  # JAX already started (e.g. jaxrank called from Python)
+    if jax.default_backend() != "cpu" or len(jax.devices()) < count:
+      raise typer.BadParameter(
+          f"--cpu-devices {count} must take effect before JAX starts, and this process already "
+          f"runs JAX on {len(jax.devices())} {jax.default_backend()} device(s): run jaxrank in a "
+          f"fresh process ({error})") from None
+  if jax.default_backend() != "cpu":
+    raise typer.BadParameter(
+        f"--cpu-devices splits the CPU, but JAX runs on {jax.default_backend()} here; drop the "
+        "option (or set JAX_PLATFORMS=cpu).")
+  from jaxrank import sharding
+  return sharding.data_parallel_mesh(jax.devices()[:count])
 
 
 @app.command()
@@ -394,10 +419,13 @@ def finetune(
     seed: int = typer.Option(0),
     output_dir: Path = typer.Option(Path("runs/finetune"), help="where results are written"),
     progress: bool = typer.Option(True, help="show a progress bar"),
-    eval_at_start: bool = typer.Option(False, help="also evaluate the model before training"),
+    eval_at_start: bool = typer.Option(False, help="also evaluate the model before training"),    cpu_devices: int = typer.Option(
+        1, help="split the CPU into N XLA devices (0: one per core) and train data-parallel "
+                "over them: faster on multi-core CPUs (benchmarks/README.md); batch sizes must "
+                "be multiples of N"),
 ):
   """Fine-tune one method and report metrics, the learned rank pattern and a heatmap."""
-  _configure_jax()
+  mesh = _configure_jax(cpu_devices, batch_size)
   if method not in METHODS + ("frozen",):
     raise typer.BadParameter(f"--method must be one of {', '.join(METHODS + ('frozen',))}.")
   setup = load_setup(model, task, seed=seed, train_examples=train_examples,
@@ -408,7 +436,7 @@ def finetune(
   result = run_one(setup, built, steps=steps, batch_size=batch_size,
                    learning_rate=learning_rate, head_learning_rate=head_learning_rate,
                    eval_every=eval_every, seed=seed, output_dir=output_dir, progress=progress,
-                   eval_at_start=eval_at_start)
+                   eval_at_start=eval_at_start, mesh=mesh)
   typer.echo(f"\nmethod {method} on {model}/{task}, {steps} steps, {result.wall_time:.1f} s")
   if eval_at_start:
     before = {k: v for k, v in result.history[0].items() if k.startswith("eval_")}
@@ -444,10 +472,13 @@ def demo(
     eval_examples: int = typer.Option(0, help="first N validation/test examples (0: all)"),
     seed: int = typer.Option(0),
     output_dir: Path = typer.Option(Path("runs/demo")),
-    progress: bool = typer.Option(True),
+    progress: bool = typer.Option(True),    cpu_devices: int = typer.Option(
+        1, help="split the CPU into N XLA devices (0: one per core) and train data-parallel "
+                "over them: faster on multi-core CPUs (benchmarks/README.md); batch sizes must "
+                "be multiples of N"),
 ):
   """All methods at one equal final rank budget on BBC News: one table, one heatmap each."""
-  _configure_jax()
+  mesh = _configure_jax(cpu_devices, batch_size)
   start = time.perf_counter()
   setup = load_setup(model, task, seed=seed, train_examples=train_examples,
                      max_length=max_length, eval_examples=eval_examples)
@@ -458,7 +489,7 @@ def demo(
     result = run_one(setup, built, steps=steps, batch_size=batch_size,
                      learning_rate=learning_rate, head_learning_rate=head_learning_rate,
                      eval_every=0, seed=seed, output_dir=output_dir / name,
-                     progress=progress, checkpoint=False)
+                     progress=progress, checkpoint=False, mesh=mesh)
     rows.append(_row(result, setup.metric))
   table = format_table(rows)
   typer.echo(f"\n{model} on {task}: final average rank budget {budget_rank} per matrix "

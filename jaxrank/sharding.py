@@ -19,9 +19,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
+import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -103,3 +104,20 @@ def replicated(x: jax.Array) -> jax.Array:
   ):
     return x
   return jax.sharding.reshard(x, PartitionSpec())
+
+
+def data_parallel_mesh(devices: Optional[Sequence[jax.Device]] = None,
+                       axis: str = "data") -> jax.sharding.Mesh:
+  """A one-axis Auto mesh over ``devices`` (default: all) for ``jaxrank.train.fit(mesh=...)``.
+
+  Auto, not Explicit: Hugging Face models index their embeddings with the (sharded) token ids,
+  which Explicit sharding rejects.
+
+  Example:
+    >>> import jaxrank
+    >>> jaxrank.data_parallel_mesh().axis_names
+    ('data',)
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.sharding.Mesh(np.array(devices), (axis,),
+                           axis_types=(jax.sharding.AxisType.Auto,))

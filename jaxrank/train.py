@@ -16,6 +16,12 @@ head (:func:`with_head`).
 
 For a loop of your own, :func:`setup` and :func:`make_train_step` are ``fit``'s set-up and step.
 
+``fit(..., mesh=mesh)`` trains data-parallel: every batch is split over the mesh's ``'data'``
+axis, variables and optimizer state are replicated, and XLA sums the gradients. On a CPU this
+pays even on one machine: split it into one XLA device per core
+(``jax.config.update('jax_num_cpu_devices', n)`` right after ``import jax``; the CLI's
+``--cpu-devices``), because XLA:CPU runs each batched matmul (attention's) on one core.
+
 A :class:`Method` is what a rank method plugs in: the adapter spec, a builder of its optax
 transform, an extra loss term, optional variable preparation/finalisation and a way to read
 the learned rank pattern. :func:`lora_method` and :func:`frozen_method` are the two reference
@@ -54,6 +60,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from jaxrank import _adapter
 from jaxrank import _variables
@@ -323,14 +331,57 @@ def _wrap_model(base, method: Method, default_targets):
   return _wrap.wrap(base, targets=targets, adapter=method.adapter)
 
 
-def evaluate(model, task: Task, frozen, trainable, data, batch_size: int, _fn=None) -> dict:
-  """``task.summarize`` of the summed metrics over every example of ``data``."""
+def evaluate(model, task: Task, frozen, trainable, data, batch_size: int, _fn=None, *,
+             mesh: Optional[jax.sharding.Mesh] = None, data_axis: str = "data") -> dict:
+  """``task.summarize`` of the summed metrics over every example of ``data``.
+
+  With ``mesh``, each batch is split over its ``data_axis`` (see :func:`fit`).
+  """
   fn = _fn or make_eval_step(model, task)
+  place = batch_placement(mesh, data_axis, eval_batch_size=batch_size)
   sums = None
   for batch in eval_batches(data, batch_size):
-    out = fn(frozen, trainable, batch)
+    out = fn(frozen, trainable, place(batch))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   return task.summarize(jax.device_get(sums))
+
+
+def batch_placement(mesh: Optional[jax.sharding.Mesh], data_axis: str = "data",
+                    **batch_sizes: int) -> Callable:
+  """``place(batch)``: puts a batch's rows split over ``mesh``'s ``data_axis`` (identity
+  without a mesh), after checking that every named batch size splits evenly.
+
+  Example:
+    >>> import jax, numpy as np
+    >>> import jaxrank
+    >>> place = batch_placement(jaxrank.data_parallel_mesh(), "data", batch_size=4)
+    >>> place({"x": np.zeros((4, 3))})["x"].sharding.spec
+    P('data',)
+  """
+  if mesh is None:
+    return lambda batch: batch
+  _check_data_mesh(mesh, data_axis)
+  shards = mesh.shape[data_axis]
+  for name, size in batch_sizes.items():
+    if size % shards:
+      raise ValueError(
+          f"{name} {size} does not split over the {shards} devices of mesh axis "
+          f"'{data_axis}': use a multiple of {shards}, or a mesh with fewer devices.")
+  split = NamedSharding(mesh, PartitionSpec(data_axis))
+  return lambda batch: jax.device_put(batch, split)
+
+
+def _check_data_mesh(mesh: jax.sharding.Mesh, data_axis: str):
+  if data_axis not in mesh.axis_names:
+    raise ValueError(f"the mesh has axes {mesh.axis_names}, not the data axis '{data_axis}': "
+                     f"pass data_axis= one of them.")
+  types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ())))
+  if types.get(data_axis) == jax.sharding.AxisType.Explicit:
+    raise ValueError(
+        f"mesh axis '{data_axis}' is Explicit; data-parallel training needs an Auto axis "
+        f"(Hugging Face models index embeddings with sharded ids): use "
+        f"jaxrank.data_parallel_mesh(), or jax.make_mesh(shape, names, "
+        f"axis_types=(jax.sharding.AxisType.Auto,) * len(names)).")
 
 
 def make_eval_step(model, task: Task):
@@ -367,10 +418,12 @@ class TrainSetup:
 def setup(base_model, variables, method: Method, task: Task, *, first_batch: Batch,
           steps: int, learning_rate: float, head_learning_rate: Optional[float] = None,
           head: Sequence[str] = (), targets: Any = "all-linear", seed: int = 0,
-          validation_batch: Optional[Batch] = None) -> TrainSetup:
+          validation_batch: Optional[Batch] = None,
+          mesh: Optional[jax.sharding.Mesh] = None) -> TrainSetup:
   """Wraps ``base_model``, initialises the adapters and the optimizer: :func:`fit`'s set-up.
 
-  ``first_batch`` fixes the input shapes of ``init``; the other arguments are :func:`fit`'s.
+  ``first_batch`` fixes the input shapes of ``init``; with ``mesh``, the frozen variables and
+  the state are replicated on it. The other arguments are :func:`fit`'s.
   """
   model = _wrap_model(base_model, method, targets)
   key_init, key_train = jax.random.split(jax.random.key(seed))
@@ -408,6 +461,8 @@ def setup(base_model, variables, method: Method, task: Task, *, first_batch: Bat
   if method.separate_head:
     tx = with_head(tx, optax.adamw(head_schedule, weight_decay=0.0))
   state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), key_train)
+  if mesh is not None:
+    frozen, state = jax.device_put((frozen, state), NamedSharding(mesh, PartitionSpec()))
   return TrainSetup(model, frozen, state, tx, loss_fn, head_params)
 
 
@@ -417,8 +472,7 @@ def make_train_step(model, method: Method, task: Task, tx: optax.GradientTransfo
 
   One optax update of ``task loss + method.penalty``: fresh rngs for ``'dropout'`` and the
   method's ``train_rngs`` are split from ``state.rng`` every step. ``deterministic=True``
-  switches the model's dropout off. :func:`fit` runs it as
-  ``jax.jit(step, donate_argnums=1)``.
+  switches the model's dropout off. :func:`fit` runs it through :func:`jit_train_step`.
   """
   names = tuple(dict.fromkeys(("dropout",) + tuple(method.train_rngs)))
 
@@ -439,6 +493,16 @@ def make_train_step(model, method: Method, task: Task, tx: optax.GradientTransfo
     return TrainState(state.step + 1, trainable, opt_state, rng), task_loss
 
   return train_step
+
+
+def jit_train_step(step: Callable, mesh: Optional[jax.sharding.Mesh] = None, *,
+                   donate: bool = True) -> Callable:
+  """``step`` (from :func:`make_train_step`) jitted as :func:`fit` runs it: the state donated
+  and, on ``mesh``, every output replicated (the state stays where :func:`setup` put it)."""
+  kwargs = {"donate_argnums": 1} if donate else {}
+  if mesh is not None:
+    kwargs["out_shardings"] = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(step, **kwargs)
 
 
 def fit(
@@ -462,6 +526,8 @@ def fit(
     progress: bool = True,
     on_eval: Optional[Callable[[int, dict, TrainState], None]] = None,
     eval_at_start: bool = False,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    data_axis: str = "data",
 ) -> TrainResult:
   """Wraps ``base_model`` for ``method``, trains it for ``steps`` and evaluates it.
 
@@ -480,6 +546,12 @@ def fit(
     on_eval: called as ``on_eval(step, record, state)`` after each periodic evaluation (e.g.
       to write a checkpoint). The next step donates ``state``'s buffers: copy what you keep.
     eval_at_start: also evaluate before the first step (history entry with ``step`` 0).
+    mesh, data_axis: train data-parallel on ``mesh``: every train and eval batch is split over
+      its ``data_axis`` (batch sizes must be multiples of its size), variables and optimizer
+      state are replicated on it. The axis must be Auto, e.g.
+      :func:`jaxrank.data_parallel_mesh` over all devices. For model-parallel layouts place the
+      variables yourself (:func:`jaxrank.variable_shardings`) around :func:`setup` and
+      :func:`make_train_step`.
 
   Returns:
     A :class:`TrainResult`: final variables, history (one dict per evaluation), final metrics
@@ -488,23 +560,28 @@ def fit(
   start = time.perf_counter()
   eval_batch_size = eval_batch_size or batch_size
   validation_batch = next(eval_batches(eval_data, batch_size)) if eval_data is not None else None
+  place = batch_placement(mesh, data_axis, batch_size=batch_size,
+                          eval_batch_size=eval_batch_size)
   prepared = setup(base_model, variables, method, task,
                    first_batch=next(batches(train_data, batch_size, seed=seed)), steps=steps,
                    learning_rate=learning_rate, head_learning_rate=head_learning_rate,
-                   head=head, targets=targets, seed=seed, validation_batch=validation_batch)
+                   head=head, targets=targets, seed=seed, validation_batch=validation_batch,
+                   mesh=mesh)
   model, frozen, state = prepared.model, prepared.frozen, prepared.state
-  train_step = jax.jit(make_train_step(model, method, task, prepared.tx), donate_argnums=1)
+  train_step = jit_train_step(make_train_step(model, method, task, prepared.tx), mesh)
+  on_mesh = dict(mesh=mesh, data_axis=data_axis)
 
   eval_step = make_eval_step(model, task)
   history = []
   if eval_at_start and eval_data is not None:
-    metrics = evaluate(model, task, frozen, state.trainable, eval_data, eval_batch_size, eval_step)
+    metrics = evaluate(model, task, frozen, state.trainable, eval_data, eval_batch_size, eval_step,
+                       **on_mesh)
     history.append({"step": 0, "train_loss": None, **{f"eval_{k}": v for k, v in metrics.items()}})
   iterator = batches(train_data, batch_size, seed=seed)
   bar = _progress(steps, method.name, progress)
   running = None
   for step in range(1, steps + 1):
-    state, loss = train_step(frozen, state, next(iterator))
+    state, loss = train_step(frozen, state, place(next(iterator)))
     loss = float(loss)
     running = loss if running is None else 0.9 * running + 0.1 * loss
     bar.update(1)
@@ -512,7 +589,7 @@ def fit(
       bar.set_postfix(loss=f"{running:.4f}", refresh=False)
     if eval_data is not None and eval_every and step % eval_every == 0 and step < steps:
       metrics = evaluate(model, task, frozen, state.trainable, eval_data, eval_batch_size,
-                         eval_step)
+                         eval_step, **on_mesh)
       record = {"step": step, "train_loss": running,
                 **{f"eval_{k}": v for k, v in metrics.items()}}
       history.append(record)
@@ -534,11 +611,13 @@ def fit(
     state = state._replace(trainable=trainable)
   final = {}
   if eval_data is not None:
-    metrics = evaluate(model, task, frozen, trainable, eval_data, eval_batch_size, eval_step)
+    metrics = evaluate(model, task, frozen, trainable, eval_data, eval_batch_size, eval_step,
+                       **on_mesh)
     final.update({f"eval_{k}": v for k, v in metrics.items()})
     history.append({"step": steps, "train_loss": running, **final})
   if test_data is not None:
-    metrics = evaluate(model, task, frozen, trainable, test_data, eval_batch_size, eval_step)
+    metrics = evaluate(model, task, frozen, trainable, test_data, eval_batch_size, eval_step,
+                       **on_mesh)
     final.update({f"test_{k}": v for k, v in metrics.items()})
   variables_out = join(frozen, trainable)
   if method.adapter is None:

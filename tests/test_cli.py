@@ -106,3 +106,40 @@ def test_alora_scoring_chunk_defaults_to_one_on_cpu_and_can_be_set():
   default = cli._alora_chunk_size(cli.MethodOptions())
   assert default == (1 if jax.default_backend() == "cpu" else 32)
   assert cli._alora_chunk_size(cli.MethodOptions(alora_chunk_size=16)) == 16
+
+
+def test_cpu_devices_trains_every_method_data_parallel_in_a_fresh_process(tmp_path):
+  import os
+  import subprocess
+  import sys
+  tables = {}
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  code = ("import sys, jax; from jaxrank import cli; sys.argv = ['jaxrank'] + sys.argv[1:]\n"
+          "try:\n  cli.main()\nexcept SystemExit as e:\n  assert not e.code, e.code\n"
+          "print('devices', jax.device_count())")
+  for devices in ("1", "2"):
+    out = tmp_path / f"devices{devices}"
+    run = subprocess.run(
+        [sys.executable, "-c", code, "demo", "--methods", "lora,sora,adalora,salora,alora",
+         *TINY, "--rank", "4", "--budget-rank", "2", "--steps", "8", "--cpu-devices", devices,
+         "--output-dir", str(out)],
+        env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"devices {devices}" in run.stdout
+    # every column but the wall time
+    tables[devices] = [line.split("|")[1:-2]
+                       for line in (out / "table.md").read_text().splitlines()]
+  # splitting each batch over two devices trains the same models to the same ranks
+  assert len(tables["1"]) == 2 + 5 and tables["2"] == tables["1"]
+
+
+def test_cpu_devices_errors_name_the_fix():
+  import jax
+  result = CliRunner().invoke(cli.app, ["finetune", *TINY, "--cpu-devices", "-1"])
+  assert result.exit_code != 0 and "--cpu-devices must be >= 0" in result.output
+  result = CliRunner().invoke(cli.app, ["finetune", *TINY, "--cpu-devices", "3"])
+  assert result.exit_code != 0 and "--batch-size 16 does not split" in result.output
+  # once this process runs JAX on one device, it is too late to split the CPU
+  assert jax.device_count() < 16
+  result = CliRunner().invoke(cli.app, ["finetune", *TINY, "--cpu-devices", "16"])
+  assert result.exit_code != 0 and "run jaxrank in a fresh process" in result.output

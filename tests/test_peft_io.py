@@ -1,7 +1,6 @@
 """PEFT-format export that PyTorch loads, and PEFT adapters loaded into jaxrank."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -79,3 +79,45 @@ def test_make_train_step_deterministic_switches_dropout_off():
   assert losses[True] == pytest.approx(float(prepared.loss_fn(prepared.state.trainable, batch)),
                                        rel=1e-6)
   assert losses[False] != pytest.approx(losses[True], rel=1e-6)
+
+
+DATA_PARALLEL = """
+import jax, numpy as np, pytest, sys
+sys.path.insert(0, {tests!r})
+from test_train import Net, _data, _task, _variables
+from jaxrank import train
+assert jax.device_count() == 4
+auto = (jax.sharding.AxisType.Auto,)
+mesh = jax.make_mesh((4,), ("data",), axis_types=auto)
+kwargs = dict(train_data=_data(), eval_data=_data(40), steps=6, batch_size=16,
+              eval_batch_size=8, eval_every=3, head=("classifier",), learning_rate=1e-2,
+              progress=False, seed=1)
+single = train.fit(Net(), _variables(), train.lora_method(rank=2, dropout=0.1), _task(), **kwargs)
+split = train.fit(Net(), _variables(), train.lora_method(rank=2, dropout=0.1), _task(),
+                  mesh=mesh, **kwargs)
+# the same training, dropout masks included, whether or not the batch is split
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+             single.state.trainable, split.state.trainable)
+for a, b in zip(single.history, split.history):
+  assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
+leaf = jax.tree.leaves(split.state.trainable)[0]
+assert len(leaf.sharding.device_set) == 4 and leaf.sharding.is_fully_replicated
+for bad, message in [(dict(batch_size=18), "batch_size 18 does not split over the 4 devices"),
+                     (dict(eval_batch_size=6), "eval_batch_size 6 does not split"),
+                     (dict(data_axis="batch"), "not the data axis 'batch'")]:
+  with pytest.raises(ValueError, match=message):
+    train.fit(Net(), _variables(), train.lora_method(rank=2), _task(), mesh=mesh,
+              **{{**kwargs, **bad}})
+explicit = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+with pytest.raises(ValueError, match="needs an Auto axis"):
+  train.fit(Net(), _variables(), train.lora_method(rank=2), _task(), mesh=explicit, **kwargs)
+print("ok")
+"""
+
+
+def test_fit_on_a_mesh_splits_batches_and_trains_as_on_one_device():
+  import os
+
+  from multidevice import run_on_devices
+  tests = os.path.dirname(os.path.abspath(__file__))
+  assert run_on_devices(DATA_PARALLEL.format(tests=tests), devices=4).strip().endswith("ok")
