@@ -369,6 +369,11 @@ def _row(result, metric: str) -> dict:
 
 
 # --- commands -----------------------------------------------------------------------------
+CPU_DEVICES_HELP = ("split the CPU into N XLA devices (0: one per core) and train data-parallel "
+                    "over them: faster on multi-core CPUs (benchmarks/README.md); batch sizes "
+                    "must be multiples of N")
+
+
 def _configure_jax(cpu_devices: int = 1, batch_size: int = 1):
   """Environment for offline runs; with ``cpu_devices`` != 1, splits the CPU into that many XLA
   devices (0: one per core) and returns a data-parallel mesh over them (else None)."""
@@ -419,10 +424,8 @@ def finetune(
     seed: int = typer.Option(0),
     output_dir: Path = typer.Option(Path("runs/finetune"), help="where results are written"),
     progress: bool = typer.Option(True, help="show a progress bar"),
-    eval_at_start: bool = typer.Option(False, help="also evaluate the model before training"),    cpu_devices: int = typer.Option(
-        1, help="split the CPU into N XLA devices (0: one per core) and train data-parallel "
-                "over them: faster on multi-core CPUs (benchmarks/README.md); batch sizes must "
-                "be multiples of N"),
+    eval_at_start: bool = typer.Option(False, help="also evaluate the model before training"),
+    cpu_devices: int = typer.Option(1, help=CPU_DEVICES_HELP),
 ):
   """Fine-tune one method and report metrics, the learned rank pattern and a heatmap."""
   mesh = _configure_jax(cpu_devices, batch_size)
@@ -472,10 +475,8 @@ def demo(
     eval_examples: int = typer.Option(0, help="first N validation/test examples (0: all)"),
     seed: int = typer.Option(0),
     output_dir: Path = typer.Option(Path("runs/demo")),
-    progress: bool = typer.Option(True),    cpu_devices: int = typer.Option(
-        1, help="split the CPU into N XLA devices (0: one per core) and train data-parallel "
-                "over them: faster on multi-core CPUs (benchmarks/README.md); batch sizes must "
-                "be multiples of N"),
+    progress: bool = typer.Option(True),
+    cpu_devices: int = typer.Option(1, help=CPU_DEVICES_HELP),
 ):
   """All methods at one equal final rank budget on BBC News: one table, one heatmap each."""
   mesh = _configure_jax(cpu_devices, batch_size)
