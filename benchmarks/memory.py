@@ -7,8 +7,8 @@ optimizer state), output bytes, bytes aliased between them (the donated state) a
 buffer (activations, gradients, the method's scratch). Peak ≈ arguments + outputs − aliased +
 temporaries. These are static numbers of the compiled program: deterministic on CPU, no timing.
 ALoRA is listed twice: with ``jaxrank.cli``'s default scoring chunk (1 rank per vmapped call on
-CPU) and with ``alora_chunk_size=32`` (its default on accelerators); its round runs inside the step's ``lax.cond``, so its scoring forwards
-count towards the step's peak.
+CPU) and with ``alora_chunk_size=32`` (its default on accelerators); its round runs inside the
+step's ``lax.cond``, so its scoring forwards count towards the step's peak.
 
 Run:  python benchmarks/memory.py [--bert-base]
 """

@@ -7,8 +7,8 @@ deltaT = 1 (allocation every step: the worst case), total_step = 1000, orthogona
 (PEFT's default; jaxrank uses its ``form="peft"`` penalty with the same weight). PEFT's step is
 forward (+ AdaLoRA's regulariser) + backward + ``opt.step()`` + ``update_and_allocate`` +
 ``zero_grad``; torch runs one thread per core (``torch.set_num_threads``). jaxrank's step is
-the one ``jaxrank.train.fit`` runs (benchmarks/_steps.py), jitted, state donated. "Dropout off" sets the
-model's hidden and attention dropout to 0 (PyTorch) / ``deterministic=True`` (jaxrank).
+the one ``jaxrank.train.fit`` runs (benchmarks/_steps.py), jitted, state donated. "Dropout off"
+sets the model's hidden and attention dropout to 0 (PyTorch) / ``deterministic=True`` (jaxrank).
 
 jaxrank runs twice: on one XLA device, and data-parallel over ``--cpu-devices`` XLA devices that
 split the same cores (default: one per core; ``fit(..., mesh=...)``, the CLI's ``--cpu-devices``):

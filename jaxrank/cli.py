@@ -390,16 +390,18 @@ def _configure_jax(cpu_devices: int = 1, batch_size: int = 1):
                              f"{count}: use a multiple of {count}.")
   try:
     jax.config.update("jax_num_cpu_devices", count)
+    too_late = None
   except RuntimeError as error:  # JAX already started (e.g. jaxrank called from Python)
-    if jax.default_backend() != "cpu" or len(jax.devices()) < count:
-      raise typer.BadParameter(
-          f"--cpu-devices {count} must take effect before JAX starts, and this process already "
-          f"runs JAX on {len(jax.devices())} {jax.default_backend()} device(s): run jaxrank in a "
-          f"fresh process ({error})") from None
+    too_late = error
   if jax.default_backend() != "cpu":
     raise typer.BadParameter(
         f"--cpu-devices splits the CPU, but JAX runs on {jax.default_backend()} here; drop the "
         "option (or set JAX_PLATFORMS=cpu).")
+  if too_late is not None and len(jax.devices()) < count:
+    raise typer.BadParameter(
+        f"--cpu-devices {count} must take effect before JAX starts, and this process already "
+        f"runs JAX on {len(jax.devices())} cpu device(s): run jaxrank in a fresh process "
+        f"({too_late})")
   from jaxrank import sharding
   return sharding.data_parallel_mesh(jax.devices()[:count])
 
