@@ -1,7 +1,7 @@
 """Time of one ALoRA round step against the scoring chunk size (ranks per vmapped call).
 
 An ALoRA round scores every live rank with 2R + 1 forward passes on the scoring rows (eq. 6),
-vmapped over ``chunk_size`` ranks at a time (``jaxrank.alora.alora(chunk_size=...)``), and
+vmapped over ``chunk_size`` ranks at a time (``jaxrank.alora(chunk_size=...)``), and
 ``lax.map`` over the chunks. This times the train step that runs the round (``jaxrank.train``'s
 step as ``jaxrank.cli.build_method('alora', ...)`` builds it: MiniLM, batch 32 × 128, r = 8 on
 query and value, 8 scoring rows) from a copied pre-round state, twice per chunk size, next to a

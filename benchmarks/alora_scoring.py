@@ -25,7 +25,7 @@ import jaxrank
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import median_time  # noqa: E402
-from jaxrank.alora import ALoRA, ablation_scores, ablation_scores_naive, live_rank_total
+from jaxrank import ALoRA, ablation_scores, ablation_scores_naive, live_rank_total
 
 CONFIGS = (
     # name, layers, width, capacity, initial rank, batch

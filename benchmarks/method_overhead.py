@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from benchmarks import _common
 from benchmarks import _steps
-from jaxrank.alora import ALoRAState
+from jaxrank import ALoRAState
 
 TARGETS = {"sora": 2.0, "adalora": 3.0, "salora": 5.0, "alora": 10.0}
 

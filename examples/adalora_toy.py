@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 import jaxrank
-from jaxrank.adalora import AdaLoRA, adalora, rank_pattern_from_state
+from jaxrank import AdaLoRA, adalora, adalora_rank_pattern as rank_pattern_from_state
 
 WIDTH = 16
 PLANTED = {"l1": 4, "l2": 0, "l3": 2}
@@ -79,7 +79,7 @@ def main(seed: int = 0, log_every: int = 100):
     trainable, opt_state, mse = train_step(trainable, opt_state, jax.random.fold_in(data_key, step))
     if step % log_every == 0 or step == TOTAL_STEP - 1:
       pattern = {k: int(v.sum()) for k, v in rank_pattern_from_state(opt_state).items()}
-      budget = int(jaxrank.adalora.find_state(opt_state).budget)
+      budget = int(jaxrank.find_adalora_state(opt_state).budget)
       print(f"step {step:4d}  mse {float(mse):.5f}  budget {budget:2d}  ranks {pattern}")
 
   pattern = {k: int(v.sum()) for k, v in rank_pattern_from_state(opt_state).items()}

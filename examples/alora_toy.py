@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 import jaxrank
-from jaxrank.alora import ALoRA, alora, live_rank_total
+from jaxrank import ALoRA, alora, live_rank_total
 
 PLANTED = {"l0": 3, "l1": 0, "l2": 3}
 K1, K2, N_A, N_PRUNE = 300, 100, 4, 1

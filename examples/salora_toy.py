@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 import jaxrank
-from jaxrank import salora
+import jaxrank
 
 WIDTH, RANK, PLANTED = 16, 8, (1, 4, 0, 3)
 TARGET_DENSITY = 0.25
@@ -51,22 +51,22 @@ def main(seed: int = 0):
       kernel = params[f"dense{i}"]["kernel"]
       teacher[f"dense{i}"]["kernel"] = kernel + jnp.asarray(delta, jnp.float32)
 
-  model = jaxrank.wrap(base, targets="all-linear", adapter=salora.SaLoRA(rank=RANK, alpha=RANK))
+  model = jaxrank.wrap(base, targets="all-linear", adapter=jaxrank.SaLoRA(rank=RANK, alpha=RANK))
   variables = model.init(jax.random.key(seed + 1), jnp.ones((1, WIDTH)))
   variables["params"] = params  # the "pretrained" weights
-  variables = salora.add_lagrange_multiplier(variables)  # λ = 0 in gates/lagrange_multiplier
+  variables = jaxrank.add_lagrange_multiplier(variables)  # λ = 0 in gates/lagrange_multiplier
   frozen, trainable = jaxrank.split_variables(variables)
 
   inner = optax.multi_transform(
       {"lora": optax.adam(1e-2), "gates": optax.adam(0.1)}, jaxrank.collection_labels)
-  tx = salora.lagrangian_ascent(1.0, inner, t_start=T_START, t_end=T_END, total_steps=STEPS)
+  tx = jaxrank.lagrangian_ascent(1.0, inner, t_start=T_START, t_end=T_END, total_steps=STEPS)
   opt_state = tx.init(trainable)
 
   def loss_fn(trainable, x, key):
     v = jaxrank.join_variables(frozen, trainable)
     prediction = model.apply(v, x, rngs={"hard_concrete": key})
     task = jnp.mean((prediction - base.apply({"params": teacher}, x)) ** 2)
-    return task + salora.penalty(model, v, target_density=TARGET_DENSITY,
+    return task + jaxrank.salora_penalty(model, v, target_density=TARGET_DENSITY,
                                  orthogonality_weight=0.01), task
 
   @jax.jit
@@ -76,18 +76,18 @@ def main(seed: int = 0):
     (_, task), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, x, gate_key)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    c = salora.expected_density(model, jaxrank.join_variables(frozen, trainable))
+    c = jaxrank.salora_expected_density(model, jaxrank.join_variables(frozen, trainable))
     return trainable, opt_state, task, c
 
   print(f"{'step':>5} {'task mse':>9} {'C(Θ)':>7} {'λ':>7}")
   for i in range(STEPS):
     trainable, opt_state, task, c = step(trainable, opt_state, jax.random.key(10_000 * seed + i))
     if i % 100 == 0 or i == STEPS - 1:
-      lam = float(salora.lagrange_multiplier(trainable))
+      lam = float(jaxrank.lagrange_multiplier(trainable))
       print(f"{i:5d} {float(task):9.4f} {float(c):7.4f} {lam:7.3f}")
 
   variables = jaxrank.join_variables(frozen, trainable)
-  hard = salora.harden(model, variables)  # exact 0/1 gates, budget = C(Θ)
+  hard = jaxrank.salora_harden(model, variables)  # exact 0/1 gates, budget = C(Θ)
   lora_model, lora_variables, pattern = jaxrank.compact(model, hard)
 
   x = jax.random.normal(jax.random.key(99), (512, WIDTH))
@@ -96,10 +96,10 @@ def main(seed: int = 0):
   gated = model.apply(hard, x)
   compacted = lora_model.apply(lora_variables, x)
   print(f"target density b = {TARGET_DENSITY}; expected density C(Θ) = "
-        f"{float(salora.expected_density(model, variables)):.4f}; hardened density = "
-        f"{salora.density(model, hard):.4f}")
+        f"{float(jaxrank.salora_expected_density(model, variables)):.4f}; hardened density = "
+        f"{jaxrank.salora_density(model, hard):.4f}")
   print(f"deterministic-gate (Louizos) density before hardening = "
-        f"{salora.density(model, variables):.4f}")
+        f"{jaxrank.salora_density(model, variables):.4f}")
   print(f"planted ranks {dict(zip(pattern, PLANTED))}")
   print(f"learned ranks {pattern}")
   print(f"adapter parameters: {jaxrank.trainable_parameter_count(variables)} trained -> "

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 import jaxrank
-from jaxrank import sora
+import jaxrank
 
 PLANTED = {"first": 1, "second": 3, "third": 0}
 R_MAX, IN_DIM, OUT_DIM, N = 6, 8, 6, 256
@@ -47,7 +47,7 @@ def make_task(seed=0):
     delta = (u * jnp.linspace(1.5, 0.75, r)) @ v.T
     teacher[name] = {**params[name], "kernel": params[name]["kernel"] + delta}
   teacher_fn = lambda inputs: base.apply({"params": teacher}, inputs)
-  model = jaxrank.wrap(base, adapter=sora.SoRA(rank=R_MAX, alpha=R_MAX))
+  model = jaxrank.wrap(base, adapter=jaxrank.SoRA(rank=R_MAX, alpha=R_MAX))
   variables = {**model.init(jax.random.key(100 + seed), x), "params": params}
   return model, variables, x, teacher_fn
 
@@ -75,7 +75,7 @@ def main():
   loss = lambda t: mse(t, x, y)
 
   steps = 1500
-  tx = sora.sora_optimizer(
+  tx = jaxrank.sora_optimizer(
       optax.adamw(optax.cosine_decay_schedule(1e-2, steps), weight_decay=0.1),
       lam=0.05,
       gate_learning_rate=optax.cosine_decay_schedule(0.1, steps),
@@ -88,7 +88,7 @@ def main():
     print(f"  g[{name:6s}] = {np.round(np.asarray(trained['gates'][name]['g']), 4).tolist()}")
   print(f"train mse     : {float(losses[0]):.4g} (step 0) -> {float(loss(trained)):.4g}")
   print(f"eval mse      : {float(mse(trained, x_eval, y_eval)):.4g}")
-  print(f"gate sparsity : {sora.gate_sparsity(model, variables):.3f}")
+  print(f"gate sparsity : {jaxrank.sora_gate_sparsity(model, variables):.3f}")
 
   lora_model, lora_vars, pattern = jaxrank.compact(model, variables)
   gated = model.apply(variables, x_eval)
@@ -107,7 +107,7 @@ def main():
 
   def train_phase(v, lam, phase):
     _, t = jaxrank.split_variables(v)
-    tx = sora.sora_optimizer(optax.adamw(1e-2, weight_decay=0.1), lam, 0.1)
+    tx = jaxrank.sora_optimizer(optax.adamw(1e-2, weight_decay=0.1), lam, 0.1)
     loss2 = lambda t: jnp.mean((model2.apply({**frozen2, **t}, x2) - y2) ** 2)
     return jaxrank.join_variables(frozen2, train(tx, loss2, t, 400)[0])
 
@@ -115,7 +115,7 @@ def main():
     print(f"  phase {r.phase} λ={r.lam:<5g} sparsity={r.sparsity:.3f} ranks={r.rank_pattern} "
           f"train mse={r.train_metric:.3g} eval mse={r.eval_metric:.3g}")
 
-  sora.sparsifying_scheduler(
+  jaxrank.sparsifying_scheduler(
       model2, variables2, [0.0, 0.05, 0.1, 0.2], train_phase,
       train_metric=lambda v: mse2(v, x2, y2),
       eval_metric=lambda v: mse2(v, x_eval, y2_eval),

@@ -1,20 +1,63 @@
 """jaxrank: dynamic-rank LoRA for JAX/Flax.
 
-The whole public API, on one screen. Method modules stay importable by name
-(``from jaxrank.sora import soft_threshold``). The transforms ``jaxrank.adalora`` and
-``jaxrank.alora`` shadow their modules' names on the package; their helpers stay reachable as
-attributes (``jaxrank.adalora.rank_pattern_from_state``, ``jaxrank.alora.ablation_scores_naive``).
+The whole public API, on one screen. As in optax, the implementation modules are private
+(``jaxrank/_sora.py`` ...) and every public name is re-exported here, flat, with the method's
+prefix where a bare name would be ambiguous (``salora_penalty``, ``adalora_rank_pattern``).
+No public name is both a module and a function; the 0.1 spellings (``jaxrank.sora.X``,
+``jaxrank.adalora.rank_pattern_from_state``) still work for one release and warn
+(``jaxrank._deprecated``).
 """
 
+import sys as _sys
+
+from jaxrank import _deprecated
 from jaxrank import checkpoint
-from jaxrank import salora
 from jaxrank import sharding
-from jaxrank import sora
+from jaxrank._adalora import adalora as _adalora_transform
+from jaxrank._adalora import adalora_budget_schedule
+from jaxrank._adalora import adalora_rank_pattern
+from jaxrank._adalora import AdaLoRA
+from jaxrank._adalora import AdaLoraState
+from jaxrank._adalora import find_adalora_state
 from jaxrank._adapter import delta_kernel
 from jaxrank._adapter import LoRA
+from jaxrank._alora import ablation_scores
+from jaxrank._alora import ablation_scores_naive
+from jaxrank._alora import alora as _alora_transform
+from jaxrank._alora import alora_check_schedule
+from jaxrank._alora import alora_reset_optimizer_state
+from jaxrank._alora import alora_round
+from jaxrank._alora import ALoRA
+from jaxrank._alora import ALoRAState
+from jaxrank._alora import live_rank_total
+from jaxrank._alora import prune_and_reallocate
+from jaxrank._alora import Reallocation
+from jaxrank._alora import reallocation_plan
 from jaxrank._budget import budget_threshold
 from jaxrank._budget import top_budget_masks
 from jaxrank._regularizers import orthogonality_penalty
+from jaxrank._salora import add_lagrange_multiplier
+from jaxrank._salora import lagrange_multiplier
+from jaxrank._salora import lagrangian_ascent
+from jaxrank._salora import LagrangianAscentState
+from jaxrank._salora import salora_density
+from jaxrank._salora import salora_expected_density
+from jaxrank._salora import salora_expected_l0
+from jaxrank._salora import salora_harden
+from jaxrank._salora import salora_lagrangian_term
+from jaxrank._salora import salora_penalty
+from jaxrank._salora import SaLoRA
+from jaxrank._sora import soft_threshold
+from jaxrank._sora import SoRA
+from jaxrank._sora import sora_gate_sparsity
+from jaxrank._sora import sora_l1_penalty
+from jaxrank._sora import sora_lambda_values
+from jaxrank._sora import sora_official_threshold
+from jaxrank._sora import sora_optimizer
+from jaxrank._sora import sora_prox
+from jaxrank._sora import SoraPhaseReport
+from jaxrank._sora import SoraProxState
+from jaxrank._sora import sparsifying_scheduler
 from jaxrank._variables import adapter_layers
 from jaxrank._variables import AdapterLayer
 from jaxrank._variables import collection_labels
@@ -28,43 +71,46 @@ from jaxrank._variables import trainable_parameter_count
 from jaxrank._wrap import Adapted
 from jaxrank._wrap import TargetMatcher
 from jaxrank._wrap import wrap
-from jaxrank.adalora import AdaLoRA
-from jaxrank.adalora import adalora
-from jaxrank.adalora import AdaLoraState
-from jaxrank.alora import ablation_scores
-from jaxrank.alora import ALoRA
-from jaxrank.alora import alora
-from jaxrank.alora import alora_round
-from jaxrank.alora import ALoRAState
-from jaxrank.alora import prune_and_reallocate
 from jaxrank.export import compact
 from jaxrank.export import merge
 from jaxrank.peft_io import load_peft_adapter
 from jaxrank.peft_io import save_peft_adapter
-from jaxrank.salora import lagrangian_ascent
-from jaxrank.salora import SaLoRA
 from jaxrank.sharding import adapter_partition_specs
 from jaxrank.sharding import data_parallel_mesh
 from jaxrank.sharding import variable_shardings
-from jaxrank.sora import SoRA
-from jaxrank.sora import sora_l1_penalty
-from jaxrank.sora import sora_optimizer
-from jaxrank.sora import sora_prox
-from jaxrank.sora import sparsifying_scheduler
+
+# The transforms, which until 0.1 also carried their modules' contents: the old attribute
+# spellings (``jaxrank.adalora.find_state``) and ``from jaxrank.adalora import ...`` still work
+# for one release, with a DeprecationWarning (see jaxrank/_deprecated.py).
+adalora = _deprecated.CallableNamespace(_adalora_transform, "jaxrank.adalora",
+                                        "jaxrank._adalora", _deprecated.ADALORA)
+alora = _deprecated.CallableNamespace(_alora_transform, "jaxrank.alora", "jaxrank._alora",
+                                      _deprecated.ALORA)
+_sys.modules["jaxrank.adalora"] = adalora
+_sys.modules["jaxrank.alora"] = alora
+# deprecated modules, imported so that ``jaxrank.sora.X`` keeps working (and warns)
+from jaxrank import salora  # noqa: E402
+from jaxrank import sora  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = (
     "ablation_scores",
+    "ablation_scores_naive",
     "AdaLoRA",
     "adalora",
+    "adalora_budget_schedule",
+    "adalora_rank_pattern",
     "AdaLoraState",
     "Adapted",
     "adapter_layers",
     "adapter_partition_specs",
     "AdapterLayer",
+    "add_lagrange_multiplier",
     "ALoRA",
     "alora",
+    "alora_check_schedule",
+    "alora_reset_optimizer_state",
     "alora_round",
     "ALoRAState",
     "budget_threshold",
@@ -75,8 +121,12 @@ __all__ = (
     "data_parallel_mesh",
     "delta_kernel",
     "effective_parameter_count",
+    "find_adalora_state",
     "join_variables",
+    "lagrange_multiplier",
     "lagrangian_ascent",
+    "LagrangianAscentState",
+    "live_rank_total",
     "load_peft_adapter",
     "LoRA",
     "merge",
@@ -84,15 +134,27 @@ __all__ = (
     "prune_and_reallocate",
     "rank_masks",
     "rank_pattern",
+    "Reallocation",
+    "reallocation_plan",
     "SaLoRA",
-    "salora",
+    "salora_density",
+    "salora_expected_density",
+    "salora_expected_l0",
+    "salora_harden",
+    "salora_lagrangian_term",
+    "salora_penalty",
     "save_peft_adapter",
     "sharding",
+    "soft_threshold",
     "SoRA",
-    "sora",
+    "sora_gate_sparsity",
     "sora_l1_penalty",
+    "sora_lambda_values",
+    "sora_official_threshold",
     "sora_optimizer",
     "sora_prox",
+    "SoraPhaseReport",
+    "SoraProxState",
     "sparsifying_scheduler",
     "split_variables",
     "TargetMatcher",

@@ -72,7 +72,7 @@ def build_method(name: str, options: MethodOptions, steps: int):
 def _module(name: str):
   """The method module ``jaxrank.<name>`` (the package may re-export a function by that name)."""
   import importlib
-  return importlib.import_module(f"jaxrank.{name}")
+  return importlib.import_module(f"jaxrank._{name}")
 
 
 def _alpha(options, rank):
@@ -153,7 +153,7 @@ def _adalora(options: MethodOptions, steps: int):
     return 0.1 * _regularizers.orthogonality_penalty(model, variables, form="paper")
 
   def pattern(model, variables, opt_state):
-    return {k: int(v.sum()) for k, v in adalora.rank_pattern_from_state(opt_state).items()}
+    return {k: int(v.sum()) for k, v in adalora.adalora_rank_pattern(opt_state).items()}
 
   return train.Method(name="adalora", adapter=spec, optimizer=optimizer, penalty=penalty,
                       rank_pattern=pattern)
@@ -173,10 +173,10 @@ def _salora(options: MethodOptions, steps: int):
 
   return train.Method(
       name="salora", adapter=spec, optimizer=optimizer,
-      penalty=lambda model, v: salora.penalty(model, v, target_density=density),
+      penalty=lambda model, v: salora.salora_penalty(model, v, target_density=density),
       prepare=lambda model, v: salora.add_lagrange_multiplier(v),
       finalize=lambda model, v, s: cap_to_budget(
-          model, salora.harden(model, v, rule="budget"), options.budget_rank, salora.LOG_THETA,
+          model, salora.salora_harden(model, v, rule="budget"), options.budget_rank, salora.LOG_THETA,
           score=lambda t: t, dropped=lambda t: np.full_like(t, -salora.HARD_LOG_THETA)),
       train_rngs=("dropout", salora.HARD_CONCRETE_RNG))
 

@@ -35,18 +35,17 @@ def lora_dropout(total_steps, axis_name=None):
 
 def salora(total_steps, axis_name=None):
   del axis_name  # nothing ranked across devices
-  from jaxrank import salora as s
-
   inner = optax.partition({"lora": optax.adam(1e-2), "gates": optax.adam(0.1)},
                           jaxrank.collection_labels)
-  tx = s.lagrangian_ascent(1.0, inner, t_start=total_steps // 4, t_end=3 * total_steps // 4,
-                           total_steps=total_steps)
-  penalty = lambda model, v: s.penalty(model, v, target_density=0.5, orthogonality_weight=0.01)
-  return Config(s.SaLoRA(rank=4), tx, penalty, prepare=s.add_lagrange_multiplier)
+  tx = jaxrank.lagrangian_ascent(1.0, inner, t_start=total_steps // 4,
+                                 t_end=3 * total_steps // 4, total_steps=total_steps)
+  penalty = lambda model, v: jaxrank.salora_penalty(model, v, target_density=0.5,
+                                                     orthogonality_weight=0.01)
+  return Config(jaxrank.SaLoRA(rank=4), tx, penalty, prepare=jaxrank.add_lagrange_multiplier)
 
 
 def alora(total_steps, axis_name=None):
-  from jaxrank.alora import ALoRA, alora as alora_transform
+  from jaxrank import ALoRA, alora as alora_transform
 
   x_val = jax.random.normal(jax.random.key(7), (32, 6))
   y_val = jnp.sin(x_val[:, :4] * 2.0)
@@ -70,14 +69,12 @@ def alora(total_steps, axis_name=None):
 def sora(total_steps, axis_name=None):
   del axis_name  # nothing ranked across devices
   del total_steps
-  from jaxrank import sora as s
-
-  tx = s.sora_optimizer(optax.adam(1e-2), lam=0.05, gate_learning_rate=0.1)
-  return Config(s.SoRA(rank=4), tx)
+  tx = jaxrank.sora_optimizer(optax.adam(1e-2), lam=0.05, gate_learning_rate=0.1)
+  return Config(jaxrank.SoRA(rank=4), tx)
 
 
 def adalora(total_steps, axis_name=None):
-  from jaxrank.adalora import AdaLoRA, adalora as adalora_transform
+  from jaxrank import AdaLoRA, adalora as adalora_transform
 
   tx = adalora_transform(optax.adam(1e-2), init_r=4, target_r=2, tinit=total_steps // 6,
                          tfinal=total_steps // 4, total_step=total_steps, deltaT=2,

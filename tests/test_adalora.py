@@ -14,8 +14,8 @@ import optax
 import pytest
 
 import jaxrank
-from jaxrank.adalora import AdaLoRA, adalora, budget_schedule, find_state
-from jaxrank.adalora import rank_pattern_from_state
+from jaxrank import AdaLoRA, adalora, adalora_budget_schedule as budget_schedule, find_adalora_state as find_state
+from jaxrank import adalora_rank_pattern as rank_pattern_from_state
 
 
 class MLP(nn.Module):

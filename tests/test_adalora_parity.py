@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import jaxrank
-from jaxrank.adalora import AdaLoRA, adalora, rank_pattern_from_state
+from jaxrank import AdaLoRA, adalora, adalora_rank_pattern as rank_pattern_from_state
 
 torch = pytest.importorskip("torch", reason="parity test needs torch (pip install jaxrank[parity])")
 peft = pytest.importorskip("peft", reason="parity test needs peft (pip install jaxrank[parity])")
@@ -163,7 +163,7 @@ def test_masks_and_singular_values_match_peft(inner):
       np.testing.assert_allclose(trainable["lora"][n]["P"], b.T, atol=1e-5)
     # the EMAs Ī (eq. 9) and Ū (eq. 10) of every entry equal PEFT's
     allocator = model.base_model.rankallocator
-    ours_state = jaxrank.adalora.find_state(state)
+    ours_state = jaxrank.find_adalora_state(state)
     for n in NAMES:
       for peft_name, part, to_jax in (("lora_A", "down", np.transpose),
                                        ("lora_E", "gate", lambda e: e[:, 0]),

@@ -1,7 +1,6 @@
 """ALoRA: AB-LoRA scores (eq. 6), prune + reallocate, the K1/K2/N_A schedule transform."""
 
 import functools
-import importlib
 
 import flax.linen as nn
 import hypothesis.strategies as st
@@ -14,8 +13,6 @@ from hypothesis import given, settings
 
 import jaxrank
 
-# The module (not the transform of the same name that jaxrank/__init__ may re-export).
-alora = importlib.import_module("jaxrank.alora")
 
 
 class MLP(nn.Module):
@@ -40,7 +37,7 @@ class Scanned(nn.Module):
     return stack(name="blocks")(x, None)[0]
 
 
-SPEC = alora.ALoRA(rank=5, initial_rank=2, alpha=2.0)
+SPEC = jaxrank.ALoRA(rank=5, initial_rank=2, alpha=2.0)
 
 
 def _randomised(variables, seed=1):
@@ -66,7 +63,7 @@ def _setup(module=None, spec=SPEC, in_dim=8, seed=0):
 
 
 def _live(spec, params):
-  return alora.live_rank_total(spec, params)
+  return jaxrank.live_rank_total(spec, params)
 
 
 def _masks(params):
@@ -88,9 +85,9 @@ def test_spec_initial_gates_scale_and_frozen_gate():
 
 def test_spec_rejects_capacity_without_free_slots():
   with pytest.raises(ValueError, match="rank > initial_rank"):
-    alora.ALoRA(rank=4, initial_rank=4)
+    jaxrank.ALoRA(rank=4, initial_rank=4)
   with pytest.raises(ValueError, match="initial_rank"):
-    alora.ALoRA(rank=4, initial_rank=0)
+    jaxrank.ALoRA(rank=4, initial_rank=0)
 
 
 # --- AB-LoRA scores --------------------------------------------------------------------------
@@ -103,8 +100,8 @@ def test_batched_scores_equal_naive_loop(chunk_size):
   gates = variables["gates"]
   gates = {**gates, "l1": {"mask": jnp.array([0.0, 1, 0, 1, 0])}}
   variables = {**variables, "gates": gates}
-  naive = alora.ablation_scores_naive(loss_fn, model, variables, batch)
-  batched = alora.ablation_scores(loss_fn, model, variables, batch, chunk_size=chunk_size)
+  naive = jaxrank.ablation_scores_naive(loss_fn, model, variables, batch)
+  batched = jaxrank.ablation_scores(loss_fn, model, variables, batch, chunk_size=chunk_size)
   for path in naive:
     np.testing.assert_array_equal(np.isnan(naive[path]), np.isnan(batched[path]))
     np.testing.assert_allclose(batched[path], naive[path], atol=1e-5, rtol=0)
@@ -115,11 +112,11 @@ def test_batched_scores_equal_naive_loop(chunk_size):
 
 
 def test_batched_scores_under_jit_and_scan_stacked_layers():
-  spec = alora.ALoRA(rank=3, initial_rank=2)
+  spec = jaxrank.ALoRA(rank=3, initial_rank=2)
   model, variables, batch, loss_fn = _setup(Scanned(), spec=spec, in_dim=4)
   assert variables["gates"]["blocks"]["mix"]["mask"].shape == (3, 3)
-  naive = alora.ablation_scores_naive(loss_fn, model, variables, batch)
-  jitted = jax.jit(lambda v, b: alora.ablation_scores(loss_fn, model, v, b, chunk_size=4))
+  naive = jaxrank.ablation_scores_naive(loss_fn, model, variables, batch)
+  jitted = jax.jit(lambda v, b: jaxrank.ablation_scores(loss_fn, model, v, b, chunk_size=4))
   batched = jitted(variables, batch)
   np.testing.assert_allclose(batched["blocks/mix"], naive["blocks/mix"], atol=1e-5)
   assert int(np.sum(np.isfinite(np.asarray(naive["blocks/mix"])))) == 6
@@ -127,7 +124,7 @@ def test_batched_scores_under_jit_and_scan_stacked_layers():
 
 def test_scores_follow_eq6_by_hand():
   model, variables, batch, loss_fn = _setup()
-  scores = alora.ablation_scores(loss_fn, model, variables, batch)
+  scores = jaxrank.ablation_scores(loss_fn, model, variables, batch)
   full = loss_fn(variables, batch)
 
   def with_l0(mask_l0, others):
@@ -153,7 +150,7 @@ def test_footnote_example_even_split_remainder_to_most_important():
   for module, value in ((1, 3.0), (2, 2.0), (3, 1.0)):  # m1 > m2 > m3 (mean importance)
     mask[module, :2] = 1
     scores[module, :2] = value
-  pruned, added = alora.reallocation_plan(
+  pruned, added = jaxrank.reallocation_plan(
       jnp.asarray(mask.ravel()), jnp.asarray(scores.ravel()), 8, capacity)
   pruned, added = np.asarray(pruned).reshape(4, -1), np.asarray(added).reshape(4, -1)
   assert pruned.sum(axis=1).tolist() == [8, 0, 0, 0]
@@ -190,7 +187,7 @@ def _plans(draw):
   return modules, capacity, live, np.where(live, scores, np.nan), num
 
 
-_jitted_plan = jax.jit(alora.reallocation_plan, static_argnums=3)
+_jitted_plan = jax.jit(jaxrank.reallocation_plan, static_argnums=3)
 
 
 @settings(max_examples=50, deadline=None)
@@ -230,9 +227,9 @@ def test_reallocation_plan_properties(plan):
 
 def test_function_unchanged_at_reallocation():
   model, variables, batch, loss_fn = _setup()
-  scores = alora.ablation_scores(loss_fn, model, variables, batch)
+  scores = jaxrank.ablation_scores(loss_fn, model, variables, batch)
   new, info = jax.jit(
-      lambda v, s: alora.prune_and_reallocate(model, v, s, num_prune=2, rng=jax.random.key(3))
+      lambda v, s: jaxrank.prune_and_reallocate(model, v, s, num_prune=2, rng=jax.random.key(3))
   )(variables, scores)
   assert sum(int(np.sum(m)) for m in info.pruned.values()) == 2
   assert sum(int(np.sum(m)) for m in info.added.values()) == 2
@@ -254,9 +251,9 @@ def test_function_unchanged_at_reallocation():
 
 def test_prune_rejects_more_than_live():
   model, variables, batch, loss_fn = _setup()
-  scores = alora.ablation_scores(loss_fn, model, variables, batch)
+  scores = jaxrank.ablation_scores(loss_fn, model, variables, batch)
   with pytest.raises(ValueError, match="larger than the 6 live ranks"):
-    alora.prune_and_reallocate(model, variables, scores, num_prune=7, rng=jax.random.key(0))
+    jaxrank.prune_and_reallocate(model, variables, scores, num_prune=7, rng=jax.random.key(0))
 
 
 def test_optimizer_state_of_new_slots_is_reset():
@@ -270,7 +267,7 @@ def test_optimizer_state_of_new_slots_is_reset():
   grads = jax.tree.map(lambda g: g + 0.1, grads)
   _, state = opt.update(grads, state, trainable)
   old_mu = state[0].mu
-  _, new_state, _, info = alora.alora_round(
+  _, new_state, _, info = jaxrank.alora_round(
       loss_t, model, trainable, batch, rng=jax.random.key(0), num_prune=3, optimizer=opt,
       opt_state=state)
   mu = new_state[0].mu
@@ -293,7 +290,7 @@ def test_optimizer_state_reset_through_partition_on_full_variables():
   state = opt.init(variables)
   grads = jax.tree.map(lambda x: jnp.ones_like(x), variables)
   _, state = opt.update(grads, state, variables)
-  _, new_state, _, info = alora.alora_round(loss_fn, model, variables, batch,
+  _, new_state, _, info = jaxrank.alora_round(loss_fn, model, variables, batch,
                                             rng=jax.random.key(0), num_prune=2,
                                             optimizer=opt, opt_state=state)
   mu = new_state.inner_states["lora"].inner_state[0].mu["lora"]
@@ -314,17 +311,17 @@ def test_optimizer_state_reset_through_partition_on_full_variables():
 def test_schedule_errors():
   model, variables, batch, loss_fn = _setup()
   with pytest.raises(ValueError, match="exceed total_steps"):
-    alora.alora(optax.sgd(0.1), model, loss_fn, warmup_steps=10, recovery_steps=5,
+    jaxrank.alora(optax.sgd(0.1), model, loss_fn, warmup_steps=10, recovery_steps=5,
                 num_rounds=3, total_steps=24)
   with pytest.raises(ValueError, match="recovery_steps"):
-    alora.alora(optax.sgd(0.1), model, loss_fn, warmup_steps=10, recovery_steps=0, num_rounds=3)
+    jaxrank.alora(optax.sgd(0.1), model, loss_fn, warmup_steps=10, recovery_steps=0, num_rounds=3)
   with pytest.raises(ValueError, match="warmup_steps"):
-    alora.alora(optax.sgd(0.1), model, loss_fn, warmup_steps=0, recovery_steps=1, num_rounds=3)
-  tx = alora.alora(optax.sgd(0.1), model, loss_fn, warmup_steps=1, recovery_steps=1,
+    jaxrank.alora(optax.sgd(0.1), model, loss_fn, warmup_steps=0, recovery_steps=1, num_rounds=3)
+  tx = jaxrank.alora(optax.sgd(0.1), model, loss_fn, warmup_steps=1, recovery_steps=1,
                    num_rounds=1, ranks_per_round=7)
   with pytest.raises(ValueError, match="larger than the 6 live ranks"):
     tx.init(variables)
-  tx = alora.alora(optax.sgd(0.1), model, loss_fn, warmup_steps=1, recovery_steps=1,
+  tx = jaxrank.alora(optax.sgd(0.1), model, loss_fn, warmup_steps=1, recovery_steps=1,
                    num_rounds=1)
   state = tx.init(variables)
   with pytest.raises(ValueError, match="validation batch"):
@@ -332,13 +329,13 @@ def test_schedule_errors():
   with pytest.raises(ValueError, match="needs params"):
     tx.update(variables, state, validation_batch=batch)
   with pytest.raises(TypeError, match="ALoRA"):
-    alora.alora(optax.sgd(0.1), jaxrank.LoRA(), loss_fn, warmup_steps=1, recovery_steps=1,
+    jaxrank.alora(optax.sgd(0.1), jaxrank.LoRA(), loss_fn, warmup_steps=1, recovery_steps=1,
                 num_rounds=1)
 
 
 def _planted_task(planted, seed=0):
   """A frozen random ReLU MLP; the teacher adds rank-``planted[l]`` updates to layer l."""
-  spec = alora.ALoRA(rank=6, initial_rank=2, alpha=2.0)
+  spec = jaxrank.ALoRA(rank=6, initial_rank=2, alpha=2.0)
   model = jaxrank.wrap(MLP(), adapter=spec)
   variables = model.init(jax.random.key(seed), jnp.ones((1, 8)))
   teacher = jax.tree.map(lambda a: a, variables["params"])
@@ -363,7 +360,7 @@ def test_planted_rank_task_ranks_move_and_budget_is_kept():
 
   x_val = jax.random.normal(jax.random.key(7), (64, 8))
   k1, k2, rounds = 300, 100, 4
-  tx = alora.alora(optax.adam(1e-2), model, loss_fn, warmup_steps=k1, recovery_steps=k2,
+  tx = jaxrank.alora(optax.adam(1e-2), model, loss_fn, warmup_steps=k1, recovery_steps=k2,
                    num_rounds=rounds, ranks_per_round=1, total_steps=k1 + rounds * k2)
   state = tx.init(trainable)
 
@@ -408,7 +405,7 @@ def test_round_step_matches_plain_functions():
   frozen, trainable = jaxrank.split_variables(variables)
   loss_t = lambda t, b: loss_fn({**frozen, **t}, b)
   opt = optax.sgd(1e-2)
-  tx = alora.alora(opt, model, loss_t, warmup_steps=1, recovery_steps=1, num_rounds=1,
+  tx = jaxrank.alora(opt, model, loss_t, warmup_steps=1, recovery_steps=1, num_rounds=1,
                    validation_batch=batch, seed=5)
   state = tx.init(trainable)
   grads = jax.grad(loss_t)(trainable, batch)
@@ -416,10 +413,10 @@ def test_round_step_matches_plain_functions():
   got = optax.apply_updates(trainable, updates)
   stepped = optax.apply_updates(trainable, opt.update(grads, opt.init(trainable))[0])
   stepped = {**stepped, "gates": trainable["gates"]}
-  scores = alora.ablation_scores(loss_t, model, stepped, batch)
+  scores = jaxrank.ablation_scores(loss_t, model, stepped, batch)
   for p in scores:
     np.testing.assert_allclose(state.last_scores[p], scores[p], atol=1e-5)
-  want, info = alora.prune_and_reallocate(model, stepped, scores, rng=jax.random.key(0))
+  want, info = jaxrank.prune_and_reallocate(model, stepped, scores, rng=jax.random.key(0))
   for p in scores:
     np.testing.assert_array_equal(got["gates"][p]["mask"], want["gates"][p]["mask"])
     np.testing.assert_allclose(got["lora"][p]["B"], want["lora"][p]["B"], atol=1e-6)
@@ -433,7 +430,7 @@ def test_multisteps_accumulation_gives_the_same_ranks_as_the_big_batch():
   model, variables, batch, loss_fn = _setup()
   frozen, trainable = jaxrank.split_variables(variables)
   loss_t = lambda t, b: loss_fn({**frozen, **t}, b)
-  make = lambda: alora.alora(optax.sgd(0.05), model, loss_t, warmup_steps=3, recovery_steps=2,
+  make = lambda: jaxrank.alora(optax.sgd(0.05), model, loss_t, warmup_steps=3, recovery_steps=2,
                              num_rounds=2, ranks_per_round=2, total_steps=7,
                              validation_batch=batch)
   big, accumulated = make(), optax.MultiSteps(make(), every_k_schedule=2)

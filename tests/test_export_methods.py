@@ -20,8 +20,7 @@ def _trained(method):
     state = step(state, frozen, x_all[i], y_all[i])
   variables = jaxrank.join_variables(frozen, state["trainable"])
   if method == "salora":
-    from jaxrank import salora
-    variables = salora.harden(model, variables)
+    variables = jaxrank.salora_harden(model, variables)
   return model, variables, x_all[0]
 
 

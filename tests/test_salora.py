@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import jaxrank
-from jaxrank import salora
+import jaxrank
 
 
 class MLP(nn.Module):
@@ -58,12 +58,12 @@ class Scanned(nn.Module):
 def _init(module, spec, in_dim, key=0):
   model = jaxrank.wrap(module, adapter=spec)
   variables = model.init(jax.random.key(key), jnp.ones((1, in_dim)))
-  return model, salora.add_lagrange_multiplier(variables)
+  return model, jaxrank.add_lagrange_multiplier(variables)
 
 
 def _set_log_theta(variables, fn):
   gates = jax.tree_util.tree_map_with_path(
-      lambda p, x: fn(x) if p[-1].key == salora.LOG_THETA else x, variables["gates"]
+      lambda p, x: fn(x) if p[-1].key == "log_theta" else x, variables["gates"]
   )
   return {**variables, "gates": gates}
 
@@ -85,7 +85,7 @@ def _random_up(variables, key):
 # --- the distribution --------------------------------------------------------------------
 @pytest.mark.parametrize("temperature,gamma,zeta", [(2 / 3, -0.1, 1.1), (1.0, -0.2, 1.05)])
 def test_closed_form_expected_l0_matches_monte_carlo(temperature, gamma, zeta):
-  spec = salora.SaLoRA(rank=5, temperature=temperature, gamma=gamma, zeta=zeta)
+  spec = jaxrank.SaLoRA(rank=5, temperature=temperature, gamma=gamma, zeta=zeta)
   log_theta = jnp.array([-2.5, -1.0, 0.0, 1.0, 3.0])
   n = 400_000
   sample = jax.jit(lambda k: spec.sample(jnp.broadcast_to(log_theta, (n, 5)), k))
@@ -102,10 +102,10 @@ def test_closed_form_expected_l0_matches_monte_carlo(temperature, gamma, zeta):
 
 
 def test_expected_l0_per_layer_matches_the_gates_sampled_by_the_model():
-  model, variables = _init(Uneven(), salora.SaLoRA(rank=4), 6)
+  model, variables = _init(Uneven(), jaxrank.SaLoRA(rank=4), 6)
   variables = _random_log_theta(variables, jax.random.key(3), scale=1.5)
   spec = model.adapter
-  closed = salora.expected_l0(model, variables)
+  closed = jaxrank.salora_expected_l0(model, variables)
   layers = jaxrank.adapter_layers(model, variables)
   keys = jax.random.split(jax.random.key(1), 100_000)
   for path, layer in layers.items():
@@ -116,7 +116,7 @@ def test_expected_l0_per_layer_matches_the_gates_sampled_by_the_model():
 
 
 def test_init_gates_start_open_and_defaults():
-  spec = salora.SaLoRA(rank=3)
+  spec = jaxrank.SaLoRA(rank=3)
   assert (spec.temperature, spec.gamma, spec.zeta) == (2 / 3, -0.1, 1.1)
   log_theta = spec.init_gates(jax.random.key(0))["log_theta"]
   assert log_theta.shape == (3,)
@@ -125,7 +125,7 @@ def test_init_gates_start_open_and_defaults():
 
 
 def test_one_sample_per_batch_and_per_layer_deterministic_without_rng():
-  model, variables = _init(Twin(), salora.SaLoRA(rank=8, init_log_theta=0.0), 3)
+  model, variables = _init(Twin(), jaxrank.SaLoRA(rank=8, init_log_theta=0.0), 3)
   # both layers get identical variables, so only their gate samples can differ
   shared = _random_up(variables, jax.random.key(2))["lora"]["left"]
   variables["lora"]["right"] = variables["lora"]["left"] = shared
@@ -153,55 +153,55 @@ def test_one_sample_per_batch_and_per_layer_deterministic_without_rng():
 
 # --- density and the loss helpers ----------------------------------------------------------
 def test_expected_density_forms_and_hard_density():
-  model, variables = _init(Uneven(), salora.SaLoRA(rank=4), 6)
+  model, variables = _init(Uneven(), jaxrank.SaLoRA(rank=4), 6)
   variables = _random_log_theta(variables, jax.random.key(0))
   spec = model.adapter
-  c = float(jax.jit(lambda v: salora.expected_density(model, v))(variables))
+  c = float(jax.jit(lambda v: jaxrank.salora_expected_density(model, v))(variables))
   probs = {k: spec.open_probability(l.gates["log_theta"])
            for k, l in jaxrank.adapter_layers(model, variables).items()}
   weights = {"a": 6 + 12, "b": 12 + 3}
   manual = sum(float(probs[k].sum()) * w for k, w in weights.items()) / (4 * sum(weights.values()))
   assert 0.0 <= c <= 1.0
   np.testing.assert_allclose(c, manual, rtol=1e-6)
-  as_written = float(salora.expected_density(model, variables, form="as_written"))
+  as_written = float(jaxrank.salora_expected_density(model, variables, form="as_written"))
   np.testing.assert_allclose(as_written, sum(float(p.sum()) / 4 for p in probs.values()), rtol=1e-6)
   # once gates are hard, C(Θ) equals the kept fraction of adapter parameters
   for rule in ("budget", "layer", "threshold"):
-    hard = salora.harden(model, variables, rule=rule)
+    hard = jaxrank.salora_harden(model, variables, rule=rule)
     kept = jaxrank.effective_parameter_count(model, hard)
     total = sum(4 * w for w in weights.values())
-    assert salora.density(model, hard) == kept / total
-    np.testing.assert_allclose(float(salora.expected_density(model, hard)), kept / total,
+    assert jaxrank.salora_density(model, hard) == kept / total
+    np.testing.assert_allclose(float(jaxrank.salora_expected_density(model, hard)), kept / total,
                                atol=1e-6)
     np.testing.assert_array_equal(  # gates are exactly 0 or 1
         np.isin(np.asarray(jnp.concatenate([m.astype(float) for m in jax.tree.leaves(
             jax.tree.map(lambda l: spec.effective_gate({"log_theta": l}),
                          {k: v["log_theta"] for k, v in hard["gates"].items()
                           if k != "lagrange_multiplier"}))])), [0.0, 1.0]), True)
-  budget = salora.harden(model, variables)
-  assert abs(salora.density(model, budget) - c) <= 0.5 * 18 / (4 * 33) + 1e-9
+  budget = jaxrank.salora_harden(model, variables)
+  assert abs(jaxrank.salora_density(model, budget) - c) <= 0.5 * 18 / (4 * 33) + 1e-9
 
 
 def test_penalty_is_orthogonality_plus_lagrangian_term():
-  model, variables = _init(Uneven(), salora.SaLoRA(rank=4), 6)
+  model, variables = _init(Uneven(), jaxrank.SaLoRA(rank=4), 6)
   variables = _random_log_theta(_random_up(variables, jax.random.key(1)), jax.random.key(0))
-  variables = salora.add_lagrange_multiplier(variables, 2.5)
+  variables = jaxrank.add_lagrange_multiplier(variables, 2.5)
   b, beta = 0.3, 0.7
-  got = jax.jit(lambda v: salora.penalty(model, v, target_density=b,
+  got = jax.jit(lambda v: jaxrank.salora_penalty(model, v, target_density=b,
                                          orthogonality_weight=beta))(variables)
-  c = salora.expected_density(model, variables)
+  c = jaxrank.salora_expected_density(model, variables)
   orth = jaxrank.orthogonality_penalty(model, variables, form="paper")
   np.testing.assert_allclose(float(got), float(beta * orth + 2.5 * (c - b) ** 2), rtol=1e-5)
-  np.testing.assert_allclose(float(salora.lagrangian_term(c, 2.5, b)), 2.5 * float(c - b) ** 2,
+  np.testing.assert_allclose(float(jaxrank.salora_lagrangian_term(c, 2.5, b)), 2.5 * float(c - b) ** 2,
                              rtol=1e-6)
   # d/dλ of the penalty is (C - b)^2 >= 0
-  grad = jax.jit(jax.grad(lambda v: salora.penalty(model, v, target_density=b)))(variables)
+  grad = jax.jit(jax.grad(lambda v: jaxrank.salora_penalty(model, v, target_density=b)))(variables)
   np.testing.assert_allclose(float(grad["gates"]["lagrange_multiplier"]), float(c - b) ** 2,
                              rtol=1e-5)
   # without a multiplier only the orthogonality term remains
   no_lambda = {**variables, "gates": {k: v for k, v in variables["gates"].items()
                                       if k != "lagrange_multiplier"}}
-  np.testing.assert_allclose(float(salora.penalty(model, no_lambda, target_density=b,
+  np.testing.assert_allclose(float(jaxrank.salora_penalty(model, no_lambda, target_density=b,
                                                   orthogonality_weight=beta)),
                              float(beta * orth), rtol=1e-6)
 
@@ -219,26 +219,26 @@ def _toy(b=0.25, key=0, eta=1.0, lr_theta=0.1, t_start=100, t_end=600, steps=800
       delta = rng.normal(size=(16, r)) @ rng.normal(size=(r, 16)) / 8
       kernel = params[f"dense{i}"]["kernel"]
       teacher[f"dense{i}"]["kernel"] = kernel + jnp.asarray(delta, jnp.float32)
-  model = jaxrank.wrap(base, adapter=salora.SaLoRA(rank=8, alpha=8.0))
-  variables = salora.add_lagrange_multiplier(model.init(jax.random.key(key + 1), jnp.ones((1, 16))))
+  model = jaxrank.wrap(base, adapter=jaxrank.SaLoRA(rank=8, alpha=8.0))
+  variables = jaxrank.add_lagrange_multiplier(model.init(jax.random.key(key + 1), jnp.ones((1, 16))))
   variables["params"] = params
   frozen, trainable = jaxrank.split_variables(variables)
   inner = optax.multi_transform(
       {"lora": optax.adam(1e-2), "gates": optax.adamw(lr_theta, weight_decay=extra_weight_decay)},
       jaxrank.collection_labels)
-  tx = salora.lagrangian_ascent(eta, inner, t_start=t_start, t_end=t_end, total_steps=steps)
+  tx = jaxrank.lagrangian_ascent(eta, inner, t_start=t_start, t_end=t_end, total_steps=steps)
 
   def loss_fn(tr, x, k):
     v = jaxrank.join_variables(frozen, tr)
     y = model.apply(v, x, rngs={"hard_concrete": k})
     task = jnp.mean(jnp.square(y - base.apply({"params": teacher}, x)))
-    return task + salora.penalty(model, v, target_density=b, orthogonality_weight=0.01), task
+    return task + jaxrank.salora_penalty(model, v, target_density=b, orthogonality_weight=0.01), task
 
   @jax.jit
   def step(tr, state, k):
     kx, kg = jax.random.split(k)
     x = jax.random.normal(kx, (64, 16))
-    c = salora.expected_density(model, jaxrank.join_variables(frozen, tr))
+    c = jaxrank.salora_expected_density(model, jaxrank.join_variables(frozen, tr))
     (_, task), g = jax.value_and_grad(loss_fn, has_aux=True)(tr, x, kg)
     u, state = tx.update(g, state, tr)
     return optax.apply_updates(tr, u), state, task, c
@@ -253,7 +253,7 @@ def test_toy_reaches_target_density_and_lambda_ascends(b):
   lambdas, densities = [0.0], []
   for i in range(800):
     trainable, state, task, c = step(trainable, state, jax.random.key(10_000 + i))
-    lambdas.append(float(salora.lagrange_multiplier(trainable)))
+    lambdas.append(float(jaxrank.lagrange_multiplier(trainable)))
     densities.append(float(c))
   lambdas, densities = np.array(lambdas), np.array(densities)
   assert (lambdas >= 0).all()
@@ -265,9 +265,9 @@ def test_toy_reaches_target_density_and_lambda_ascends(b):
   above = densities[window] > b + 1e-3
   assert above.sum() > 10 and (growth[above] > 0).all()
   variables = jaxrank.join_variables(frozen, trainable)
-  final_c = float(salora.expected_density(model, variables))
-  hard = salora.harden(model, variables)
-  final = salora.density(model, hard)
+  final_c = float(jaxrank.salora_expected_density(model, variables))
+  hard = jaxrank.salora_harden(model, variables)
+  final = jaxrank.salora_density(model, hard)
   print(f"C(Θ) = {final_c:.4f}, hardened density = {final}, λ = {lambdas[-1]:.3f}, "
         f"ranks {jaxrank.rank_pattern(model, hard)}, task mse {float(task):.4f}")
   assert abs(final_c - b) <= 0.02
@@ -310,7 +310,7 @@ def test_theta_and_lambda_move_only_inside_the_window():
 def _one_ascent_step(lam, grad, eta):
   params = {"gates": {"lagrange_multiplier": lam}, "lora": {"A": jnp.ones(2)}}
   grads = {"gates": {"lagrange_multiplier": grad}, "lora": {"A": jnp.ones(2)}}
-  tx = salora.lagrangian_ascent(eta, optax.sgd(0.1), t_start=0, t_end=5)  # traced η
+  tx = jaxrank.lagrangian_ascent(eta, optax.sgd(0.1), t_start=0, t_end=5)  # traced η
   updates, _ = tx.update(grads, tx.init(params), params)
   return optax.apply_updates(params, updates), updates
 
@@ -329,12 +329,12 @@ def test_projected_ascent_step(lam, grad, eta):
 
 
 def _grads_and_params(key=0):
-  model, variables = _init(Uneven(), salora.SaLoRA(rank=4), 6, key=key)
+  model, variables = _init(Uneven(), jaxrank.SaLoRA(rank=4), 6, key=key)
   variables = _random_up(variables, jax.random.key(key + 5))
   x = jax.random.normal(jax.random.key(key + 9), (8, 6))
 
   def loss(v, x):
-    return jnp.mean(model.apply(v, x) ** 2) + salora.penalty(model, v, target_density=0.3)
+    return jnp.mean(model.apply(v, x) ** 2) + jaxrank.salora_penalty(model, v, target_density=0.3)
 
   return model, variables, x, loss
 
@@ -343,7 +343,7 @@ def test_optax_composition_inject_partition_multisteps():
   model, variables, x, loss = _grads_and_params()
   frozen, trainable = jaxrank.split_variables(variables)
   full_loss = lambda tr, x: loss(jaxrank.join_variables(frozen, tr), x)
-  plain = salora.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=0, t_end=4)
+  plain = jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=0, t_end=4)
 
   def run(tx, tr, batches):
     def step(tr, state, xb):
@@ -358,20 +358,20 @@ def test_optax_composition_inject_partition_multisteps():
 
   ref = run(plain, trainable, [x] * 6)
   # inject_hyperparams: static window, and a traced one
-  injected = optax.inject_hyperparams(salora.lagrangian_ascent, static_args=("t_start", "t_end"))(
+  injected = optax.inject_hyperparams(jaxrank.lagrangian_ascent, static_args=("t_start", "t_end"))(
       learning_rate=0.5, inner=optax.adam(1e-2), t_start=0, t_end=4)
-  traced = optax.inject_hyperparams(salora.lagrangian_ascent)(
+  traced = optax.inject_hyperparams(jaxrank.lagrangian_ascent)(
       learning_rate=0.5, inner=optax.adam(1e-2), t_start=0, t_end=4)
-  scheduled = salora.lagrangian_ascent(lambda step: 0.5 + 0.0 * step, optax.adam(1e-2),
+  scheduled = jaxrank.lagrangian_ascent(lambda step: 0.5 + 0.0 * step, optax.adam(1e-2),
                                        t_start=0, t_end=4)
   chained = optax.chain(optax.clip_by_global_norm(1e6),  # no-op clip: same result
-                        salora.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=0, t_end=4))
+                        jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=0, t_end=4))
   for tx in (injected, traced, scheduled, chained):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  run(tx, trainable, [x] * 6), ref)
   # on full variables inside optax.partition, with params frozen
   part = optax.partition({"params": optax.set_to_zero(), "lora": optax.adam(1e-2),
-                          "gates": salora.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=0,
+                          "gates": jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=0,
                                                             t_end=4)},
                          jaxrank.collection_labels)
   @jax.jit
@@ -388,36 +388,36 @@ def test_optax_composition_inject_partition_multisteps():
   np.testing.assert_array_equal(v["params"]["a"]["kernel"], variables["params"]["a"]["kernel"])
   # optax.MultiSteps over two half batches == one step on the whole batch (steps count
   # optimizer steps, so the window is the same)
-  multi = optax.MultiSteps(salora.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=1, t_end=3),
+  multi = optax.MultiSteps(jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=1, t_end=3),
                            every_k_schedule=2)
-  big = salora.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=1, t_end=3)
+  big = jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=1, t_end=3)
   ref_big = run(big, trainable, [x] * 4)
   got = run(multi, trainable, [x[:4], x[4:]] * 4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, ref_big)
 
 
 def test_scan_stacked_layers():
-  model, variables = _init(Scanned(), salora.SaLoRA(rank=3), 4)
+  model, variables = _init(Scanned(), jaxrank.SaLoRA(rank=3), 4)
   variables = _random_log_theta(_random_up(variables, jax.random.key(0)), jax.random.key(1))
   assert variables["gates"]["blocks"]["mix"]["log_theta"].shape == (3, 3)
   np.testing.assert_allclose(
-      float(salora.expected_density(model, variables)),
+      float(jaxrank.salora_expected_density(model, variables)),
       float(jnp.mean(model.adapter.open_probability(
           variables["gates"]["blocks"]["mix"]["log_theta"]))),
       rtol=1e-6)
-  assert salora.expected_l0(model, variables)["blocks/mix"].shape == (3,)
+  assert jaxrank.salora_expected_l0(model, variables)["blocks/mix"].shape == (3,)
   x = jax.random.normal(jax.random.key(2), (5, 4))
   out = jax.jit(lambda v, x, k: model.apply(v, x, rngs={"hard_concrete": k}))(
       variables, x, jax.random.key(3))
   assert out.shape == (5, 4)
-  hard = salora.harden(model, variables, rule="layer")
+  hard = jaxrank.salora_harden(model, variables, rule="layer")
   lora_model, lora_vars, _ = jaxrank.compact(model, hard)
   np.testing.assert_allclose(jax.jit(lora_model.apply)(lora_vars, x), jax.jit(model.apply)(hard, x),
                              rtol=1e-5, atol=1e-5)
 
 
 def test_compact_of_unhardened_gates_equals_deterministic_model():
-  model, variables = _init(Uneven(), salora.SaLoRA(rank=4), 6)
+  model, variables = _init(Uneven(), jaxrank.SaLoRA(rank=4), 6)
   variables = _random_log_theta(_random_up(variables, jax.random.key(0)), jax.random.key(1),
                                 scale=2.0)
   lora_model, lora_vars, pattern = jaxrank.compact(model, variables)
@@ -431,37 +431,37 @@ def test_compact_of_unhardened_gates_equals_deterministic_model():
 def test_clear_errors():
   inner = optax.adam(1e-3)
   with pytest.raises(ValueError, match="t_start"):
-    salora.lagrangian_ascent(0.1, inner, t_start=10, t_end=5)
+    jaxrank.lagrangian_ascent(0.1, inner, t_start=10, t_end=5)
   with pytest.raises(ValueError, match="total_steps"):
-    salora.lagrangian_ascent(0.1, inner, t_start=10, t_end=500, total_steps=100)
+    jaxrank.lagrangian_ascent(0.1, inner, t_start=10, t_end=500, total_steps=100)
   with pytest.raises(ValueError, match="t_start must be >= 0"):
-    salora.lagrangian_ascent(0.1, inner, t_start=-1, t_end=5)
+    jaxrank.lagrangian_ascent(0.1, inner, t_start=-1, t_end=5)
   with pytest.raises(ValueError, match="learning_rate"):
-    salora.lagrangian_ascent(-0.1, inner, t_start=0, t_end=5)
+    jaxrank.lagrangian_ascent(-0.1, inner, t_start=0, t_end=5)
   with pytest.raises(ValueError, match="gamma"):
-    salora.SaLoRA(gamma=0.1)
+    jaxrank.SaLoRA(gamma=0.1)
   with pytest.raises(ValueError, match="zeta"):
-    salora.SaLoRA(zeta=1.0)
+    jaxrank.SaLoRA(zeta=1.0)
   with pytest.raises(ValueError, match="temperature"):
-    salora.SaLoRA(temperature=0.0)
-  model, variables = _init(Uneven(), salora.SaLoRA(rank=4), 6)
+    jaxrank.SaLoRA(temperature=0.0)
+  model, variables = _init(Uneven(), jaxrank.SaLoRA(rank=4), 6)
   for b in (0.0, 1.5, -0.2):
     with pytest.raises(ValueError, match="target_density"):
-      salora.penalty(model, variables, target_density=b)
-  salora.penalty(model, variables, target_density=1.5, form="as_written")  # K = 2 matrices
+      jaxrank.salora_penalty(model, variables, target_density=b)
+  jaxrank.salora_penalty(model, variables, target_density=1.5, form="as_written")  # K = 2 matrices
   with pytest.raises(ValueError, match="form"):
-    salora.expected_density(model, variables, form="dense")
+    jaxrank.salora_expected_density(model, variables, form="dense")
   with pytest.raises(ValueError, match="rule"):
-    salora.harden(model, variables, rule="random")
-  tx = salora.lagrangian_ascent(0.1, inner, t_start=0, t_end=5)
+    jaxrank.salora_harden(model, variables, rule="random")
+  tx = jaxrank.lagrangian_ascent(0.1, inner, t_start=0, t_end=5)
   _, trainable = jaxrank.split_variables(variables)
   with pytest.raises(ValueError, match="needs params"):
     tx.update(trainable, tx.init(trainable))
   plain = jaxrank.wrap(Uneven(), adapter=jaxrank.LoRA(rank=2))
   plain_vars = plain.init(jax.random.key(0), jnp.ones((1, 6)))
   with pytest.raises(TypeError, match="SaLoRA"):
-    salora.expected_density(plain, plain_vars)
+    jaxrank.salora_expected_density(plain, plain_vars)
   with pytest.raises(ValueError, match="add_lagrange_multiplier"):
-    salora.lagrange_multiplier(model.init(jax.random.key(0), jnp.ones((1, 6))))
+    jaxrank.lagrange_multiplier(model.init(jax.random.key(0), jnp.ones((1, 6))))
   with pytest.raises(ValueError, match="gates"):
-    salora.add_lagrange_multiplier(plain_vars)
+    jaxrank.add_lagrange_multiplier(plain_vars)

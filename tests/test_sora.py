@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxrank
-from jaxrank import sora
+import jaxrank
 
 PLANTED = {"first": 1, "second": 3, "third": 0}
 
@@ -49,7 +49,7 @@ def planted_task(seed, rank=6, n=256, dim=8):
     delta = (u * jnp.linspace(1.5, 0.75, r)) @ v.T  # singular values 1.5 .. 0.75
     teacher[name] = {**params[name], "kernel": kernel + delta}
   y = base.apply({"params": teacher}, x)
-  model = jaxrank.wrap(base, adapter=sora.SoRA(rank=rank, alpha=rank))
+  model = jaxrank.wrap(base, adapter=jaxrank.SoRA(rank=rank, alpha=rank))
   variables = {**model.init(jax.random.key(100 + seed), x), "params": params}
   return model, variables, x, y, lambda inputs: base.apply({"params": teacher}, inputs)
 
@@ -101,20 +101,20 @@ positive = st.floats(0, 5, width=32, allow_subnormal=False)
 @settings(max_examples=50, deadline=None)
 @given(vectors, positive)
 def test_soft_threshold_is_eq11(x, xi):
-  got = jax.jit(sora.soft_threshold)(x, xi)
+  got = jax.jit(jaxrank.soft_threshold)(x, xi)
   np.testing.assert_array_equal(np.asarray(got), eq11(x, np.float32(xi)))
 
 
 @settings(max_examples=50, deadline=None)
 @given(vectors, positive)
 def test_official_threshold_is_the_sequential_masks(x, xi):
-  got = jax.jit(sora.official_threshold)(x, xi)
+  got = jax.jit(jaxrank.sora_official_threshold)(x, xi)
   np.testing.assert_array_equal(np.asarray(got), official_masks(x, np.float32(xi)))
 
 
 def test_official_threshold_differs_from_soft_threshold_as_documented():
   x = np.arange(-3.0, 3.5, 0.5, dtype=np.float32)
-  got = np.asarray(sora.official_threshold(x, 1.0)).tolist()
+  got = np.asarray(jaxrank.sora_official_threshold(x, 1.0)).tolist()
   # methods.md §2.3, verified there numerically against the torch code
   assert got == [-2, -1.5, -1, 0, -1, 0, 0, 0, 1, 0, 1, 1.5, 2]
   assert not np.array_equal(got, eq11(x, np.float32(1.0)))
@@ -135,7 +135,7 @@ def test_prox_step_is_soft_threshold_of_the_chain_update(gate, update, lr, lam):
   lora_update = jnp.asarray(np.arange(10, dtype=np.float32).reshape(2, 5))
   updates = {"params": {"a": {"g": jnp.asarray(update)}}, "lora": {"a": {"A": lora_update}},
              "gates": {"a": {"g": jnp.asarray(update)}}}
-  tx = sora.sora_prox(lam, lr)
+  tx = jaxrank.sora_prox(lam, lr)
 
   @jax.jit
   def run(updates, params):
@@ -154,7 +154,7 @@ def test_prox_step_is_soft_threshold_of_the_chain_update(gate, update, lr, lam):
 # --- the adapter ------------------------------------------------------------------------------
 @pytest.mark.parametrize("gate_init", ["ones", "normal"])
 def test_gate_init_and_identity_at_init(gate_init):
-  model = jaxrank.wrap(MLP(), adapter=sora.SoRA(rank=4, gate_init=gate_init))
+  model = jaxrank.wrap(MLP(), adapter=jaxrank.SoRA(rank=4, gate_init=gate_init))
   x = jax.random.normal(jax.random.key(1), (5, 4))
   variables = jax.jit(model.init)(jax.random.key(0), x)
   gates = variables["gates"]["hidden"]["g"]
@@ -166,12 +166,12 @@ def test_gate_init_and_identity_at_init(gate_init):
   base_out = MLP().apply({"params": variables["params"]}, x)
   np.testing.assert_allclose(jax.jit(model.apply)(variables, x), base_out, atol=1e-6)
   with pytest.raises(ValueError, match="gate_init"):
-    sora.SoRA(gate_init="zeros")
+    jaxrank.SoRA(gate_init="zeros")
 
 
 def test_gate_multiplies_each_rank():
   """z = scale · W_u (g ⊙ (W_d x)) (eq. 9), checked against a direct computation."""
-  model = jaxrank.wrap(nn.Dense(3), adapter=sora.SoRA(rank=4, alpha=8.0))
+  model = jaxrank.wrap(nn.Dense(3), adapter=jaxrank.SoRA(rank=4, alpha=8.0))
   x = jax.random.normal(jax.random.key(1), (5, 6))
   variables = model.init(jax.random.key(0), x)
   lora = {"A": jax.random.normal(jax.random.key(2), (6, 4)),
@@ -187,7 +187,7 @@ def test_gate_multiplies_each_rank():
 # --- errors -------------------------------------------------------------------------------------
 def test_errors_name_the_fix():
   params = {"lora": {"A": jnp.ones(3)}, "gates": {"g": jnp.ones(3)}}
-  tx = sora.sora_prox(0.1, 0.1)
+  tx = jaxrank.sora_prox(0.1, 0.1)
   with pytest.raises(ValueError, match="params"):
     tx.update(params, tx.init(params), None)
   with pytest.raises(ValueError, match="no SoRA gate"):
@@ -195,16 +195,16 @@ def test_errors_name_the_fix():
   with pytest.raises(ValueError, match="no SoRA gate"):
     tx.update({"lora": {"A": jnp.ones(3)}}, tx.init(params), {"lora": {"A": jnp.ones(3)}})
   with pytest.raises(ValueError, match="learning_rate"):
-    sora.sora_prox(0.1)
+    jaxrank.sora_prox(0.1)
   with pytest.raises(ValueError, match="compat"):
-    sora.sora_prox(0.1, 0.1, compat="torch")
+    jaxrank.sora_prox(0.1, 0.1, compat="torch")
   with pytest.raises(ValueError, match="non-negative"):
-    sora.sora_prox(-1.0, 0.1)
+    jaxrank.sora_prox(-1.0, 0.1)
   with pytest.raises(ValueError, match="no SoRA gate"):
-    sora.sora_l1_penalty({"lora": {"A": jnp.ones(3)}})
+    jaxrank.sora_l1_penalty({"lora": {"A": jnp.ones(3)}})
   # a tree holding only the gates collection works with collection=None
   only_gates = {"layer": {"g": jnp.array([0.3, -0.01])}}
-  tx = sora.sora_prox(0.1, 0.1, collection=None)
+  tx = jaxrank.sora_prox(0.1, 0.1, collection=None)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, only_gates), tx.init(only_gates), only_gates)
   np.testing.assert_allclose(optax.apply_updates(only_gates, updates)["layer"]["g"], [0.29, 0.0])
 
@@ -212,7 +212,7 @@ def test_errors_name_the_fix():
 # --- composition ----------------------------------------------------------------------------
 def small_problem(seed=0):
   # official N(0, 1) gate init: some gates start near zero, so a few steps can zero them
-  model = jaxrank.wrap(MLP(), adapter=sora.SoRA(rank=4, gate_init="normal"))
+  model = jaxrank.wrap(MLP(), adapter=jaxrank.SoRA(rank=4, gate_init="normal"))
   x = jax.random.normal(jax.random.key(seed), (12, 4))
   variables = model.init(jax.random.key(seed + 1), x)
   # non-zero up factors so the gates receive gradient
@@ -228,7 +228,7 @@ def test_chain_after_adamw_thresholds_adamw_update_and_keeps_factors():
   loss = mse_fn(model, frozen, x, y)
   lr, lam = 0.05, 0.8
   adamw = optax.adamw(lr, weight_decay=0.1)
-  tx = optax.chain(optax.adamw(lr, weight_decay=0.1), sora.sora_prox(lam, lr))
+  tx = optax.chain(optax.adamw(lr, weight_decay=0.1), jaxrank.sora_prox(lam, lr))
 
   @jax.jit
   def both(trainable, s_tx, s_ref):
@@ -257,7 +257,7 @@ def test_full_variables_and_partition_paper_recipe():
   """sora_optimizer = partition(params: zero, lora: inner, gates: sgd → prox), on full variables."""
   model, variables, x, y = small_problem(1)
   lr, gate_lr, lam = 0.01, 0.5, 0.4
-  tx = sora.sora_optimizer(optax.adam(lr), lam, gate_lr)
+  tx = jaxrank.sora_optimizer(optax.adam(lr), lam, gate_lr)
   inner = optax.adam(lr)
   loss = lambda v: jnp.mean((model.apply(v, x) - y) ** 2)
 
@@ -287,14 +287,14 @@ def test_inject_hyperparams_schedules_and_changes():
   loss = mse_fn(model, frozen, x, y)
   lam = optax.linear_schedule(0.0, 2.0, 4)
   lr = optax.exponential_decay(0.1, 1, 0.7)
-  plain = optax.chain(optax.sgd(lr), sora.sora_prox(lam, lr))
-  injected = optax.chain(optax.sgd(lr), optax.inject_hyperparams(sora.sora_prox)(lam=lam, learning_rate=lr))
+  plain = optax.chain(optax.sgd(lr), jaxrank.sora_prox(lam, lr))
+  injected = optax.chain(optax.sgd(lr), optax.inject_hyperparams(jaxrank.sora_prox)(lam=lam, learning_rate=lr))
   a = train(plain, loss, trainable, 6)
   b = train(injected, loss, trainable, 6)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), a, b)
 
   # a hyperparameter changed in the state takes effect without recompiling the transform
-  tx = optax.chain(optax.sgd(0.1), optax.inject_hyperparams(sora.sora_prox)(lam=0.0, learning_rate=0.1))
+  tx = optax.chain(optax.sgd(0.1), optax.inject_hyperparams(jaxrank.sora_prox)(lam=0.0, learning_rate=0.1))
   state = tx.init(trainable)
   step = jax.jit(lambda t, s: tx.update(jax.grad(loss)(t), s, t))
   updates, _ = step(trainable, state)
@@ -312,7 +312,7 @@ def test_multisteps_equals_big_batch():
   frozen, trainable = jaxrank.split_variables(variables)
   k = 3
   lr = optax.linear_schedule(0.05, 0.01, 4)  # the prox must count optimizer steps, not micro-steps
-  make = lambda: optax.chain(optax.adamw(lr, weight_decay=0.05), sora.sora_prox(0.6, lr))
+  make = lambda: optax.chain(optax.adamw(lr, weight_decay=0.05), jaxrank.sora_prox(0.6, lr))
   big, multi = make(), optax.MultiSteps(make(), every_k_schedule=k)
   big_loss = mse_fn(model, frozen, x, y)
   xs, ys = x.reshape(k, -1, x.shape[-1]), y.reshape(k, -1, y.shape[-1])
@@ -364,7 +364,7 @@ def test_official_compat_matches_sparse_adamw_transcription():
   grads = rng.standard_normal((25, 16)).astype(np.float32)
   schedule = optax.linear_schedule(0.05, 0.0, 25)  # official: linear decay of the gate lr
   xi = 0.02
-  tx = sora.sora_optimizer(optax.adamw(1e-3), xi, schedule, compat="official")
+  tx = jaxrank.sora_optimizer(optax.adamw(1e-3), xi, schedule, compat="official")
   params = {"lora": {"A": jnp.zeros(2)}, "gates": {"g": jnp.asarray(gate)}}
 
   @jax.jit
@@ -388,11 +388,11 @@ def test_l1_penalty_matches_official_loss_term():
   gates = [np.asarray(g["g"]) for g in variables["gates"].values()]
   total = sum(np.abs(g).sum() for g in gates)
   count = sum(g.size for g in gates)
-  np.testing.assert_allclose(sora.sora_l1_penalty(variables), total, rtol=1e-6)
+  np.testing.assert_allclose(jaxrank.sora_l1_penalty(variables), total, rtol=1e-6)
   _, trainable = jaxrank.split_variables(variables)
-  np.testing.assert_allclose(sora.sora_l1_penalty(trainable, reduction="mean"), total / count,
+  np.testing.assert_allclose(jaxrank.sora_l1_penalty(trainable, reduction="mean"), total / count,
                              rtol=1e-6)
-  grad = jax.jit(jax.grad(lambda t: sora.sora_l1_penalty(t, reduction="mean")))(trainable)
+  grad = jax.jit(jax.grad(lambda t: jaxrank.sora_l1_penalty(t, reduction="mean")))(trainable)
   for layer, g in grad["gates"].items():
     np.testing.assert_allclose(g["g"], np.sign(variables["gates"][layer]["g"]) / count, rtol=1e-6)
   jax.tree.map(lambda a: np.testing.assert_array_equal(a, 0.0), grad["lora"])
@@ -405,7 +405,7 @@ def test_planted_ranks_are_recovered_and_compact_is_exact(seed):
   frozen, trainable = jaxrank.split_variables(variables)
   loss = mse_fn(model, frozen, x, y)
   steps = 1500
-  tx = sora.sora_optimizer(
+  tx = jaxrank.sora_optimizer(
       optax.adamw(optax.cosine_decay_schedule(1e-2, steps), weight_decay=0.1),
       lam=0.05, gate_learning_rate=optax.cosine_decay_schedule(0.1, steps))
   initial = float(loss(trainable))
@@ -434,12 +434,12 @@ def test_planted_ranks_are_recovered_and_compact_is_exact(seed):
 
 # --- the sparsifying scheduler --------------------------------------------------------------------
 def test_lambda_values_follow_the_official_lists():
-  np.testing.assert_allclose(sora.lambda_values(0.0, 7e-4, 7), np.linspace(0.0, 7e-4, 7))
-  np.testing.assert_allclose(sora.lambda_values(0.1, 1.0, 4, "log_linear"),
+  np.testing.assert_allclose(jaxrank.sora_lambda_values(0.0, 7e-4, 7), np.linspace(0.0, 7e-4, 7))
+  np.testing.assert_allclose(jaxrank.sora_lambda_values(0.1, 1.0, 4, "log_linear"),
                              np.log(np.linspace(np.exp(0.1), np.exp(1.0), 4)))
-  np.testing.assert_allclose(sora.lambda_values(1e-4, 1e-2, 3, "exp_linear"), [1e-4, 1e-3, 1e-2])
+  np.testing.assert_allclose(jaxrank.sora_lambda_values(1e-4, 1e-2, 3, "exp_linear"), [1e-4, 1e-3, 1e-2])
   with pytest.raises(ValueError, match="kind"):
-    sora.lambda_values(0.0, 1.0, 3, "cosine")
+    jaxrank.sora_lambda_values(0.0, 1.0, 3, "cosine")
 
 
 def test_sparsifying_scheduler_reports_each_phase():
@@ -454,12 +454,12 @@ def test_sparsifying_scheduler_reports_each_phase():
     calls.append((phase, lam))
     _, trainable = jaxrank.split_variables(variables)
     # a fresh optimizer (and learning-rate schedule) per phase
-    tx = sora.sora_optimizer(optax.adamw(1e-2, weight_decay=0.1), lam, 0.1)
+    tx = jaxrank.sora_optimizer(optax.adamw(1e-2, weight_decay=0.1), lam, 0.1)
     return jaxrank.join_variables(frozen, train(tx, loss, trainable, 400))
 
   logged = []
   lams = [0.0, 0.05, 0.1, 0.2]
-  reports = sora.sparsifying_scheduler(
+  reports = jaxrank.sparsifying_scheduler(
       model, variables, lams, train_phase,
       train_metric=lambda v: loss(jaxrank.split_variables(v)[1]),
       eval_metric=lambda v: eval_loss(jaxrank.split_variables(v)[1]),
@@ -479,7 +479,7 @@ def test_sparsifying_scheduler_reports_each_phase():
   assert reports[-1].train_metric > reports[0].train_metric  # sparser costs fit
   assert reports[-1].rank_pattern == PLANTED  # dense → progressively sparser reaches the plant
   with pytest.raises(ValueError, match="non-negative"):
-    sora.sparsifying_scheduler(model, variables, [-1.0], train_phase,
+    jaxrank.sparsifying_scheduler(model, variables, [-1.0], train_phase,
                                train_metric=float, eval_metric=float)
 
 
@@ -499,14 +499,14 @@ class Scanned(nn.Module):
 
 def test_scanned_layers_prox_and_compact():
   """Stacked gates (nn.scan): the prox is elementwise; compact keeps ranks alive in any copy."""
-  model = jaxrank.wrap(Scanned(), adapter=sora.SoRA(rank=4))
+  model = jaxrank.wrap(Scanned(), adapter=jaxrank.SoRA(rank=4))
   x = jax.random.normal(jax.random.key(0), (5, 6))
   variables = model.init(jax.random.key(1), x)
   assert variables["gates"]["layers"]["mix"]["g"].shape == (3, 4)
   variables["lora"] = jax.tree.map(
       lambda a: jax.random.normal(jax.random.key(2), a.shape) * 0.3, variables["lora"])
   g = jnp.array([[0.5, 0.05, 0.0, -0.8], [0.02, 0.0, 0.0, 1.0], [0.3, 0.0, 0.0, 0.01]])
-  tx = sora.sora_prox(0.5, 0.2)  # threshold 0.1
+  tx = jaxrank.sora_prox(0.5, 0.2)  # threshold 0.1
   _, trainable = jaxrank.split_variables({**variables, "gates": {"layers": {"mix": {"g": g}}}})
   zeros = jax.tree.map(jnp.zeros_like, trainable)
   updates, _ = jax.jit(tx.update)(zeros, tx.init(trainable), trainable)

@@ -40,12 +40,12 @@ Everything here is a pure function of arrays and runs under ``jit``. Two ways to
 
 * :func:`alora` wraps an inner optimizer; its ``update`` runs the whole schedule (``lax.cond``
   on the step count), so a training step stays one jitted function;
-* :func:`ablation_scores`, :func:`prune_and_reallocate` and :func:`reset_optimizer_state`
+* :func:`ablation_scores`, :func:`prune_and_reallocate` and :func:`alora_reset_optimizer_state`
   (or :func:`alora_round`, all three) between epochs.
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, jaxrank
-  >>> from jaxrank.alora import ALoRA, alora
+  >>> from jaxrank import ALoRA, alora
   >>> spec = ALoRA(rank=4, initial_rank=2, alpha=2.0)
   >>> model = jaxrank.wrap(nn.Dense(3), adapter=spec)
   >>> x, y = jnp.ones((8, 5)), jnp.zeros((8, 3))
@@ -114,7 +114,7 @@ class ALoRA(_adapter.LoRA):
       whole run (the paper does not say; this is LoRA's scale at the initial rank).
 
   Example:
-    >>> from jaxrank.alora import ALoRA
+    >>> from jaxrank import ALoRA
     >>> spec = ALoRA(rank=6, initial_rank=4, alpha=8.0)
     >>> spec.scale, spec.init_gates(None)["mask"].tolist()
     (2.0, [1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
@@ -175,7 +175,7 @@ def _spec(model_or_adapter) -> ALoRA:
   adapter = _variables._spec(model_or_adapter)
   if not isinstance(adapter, ALoRA):
     raise TypeError(
-        f"jaxrank.alora needs a model wrapped with jaxrank.alora.ALoRA (or that spec), got "
+        f"jaxrank.alora needs a model wrapped with jaxrank.ALoRA (or that spec), got "
         f"{type(adapter).__name__}."
     )
   return adapter
@@ -344,7 +344,7 @@ def ablation_scores(
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxrank
-    >>> from jaxrank.alora import ALoRA, ablation_scores
+    >>> from jaxrank import ALoRA, ablation_scores
     >>> model = jaxrank.wrap(nn.Dense(2), adapter=ALoRA(rank=3, initial_rank=2))
     >>> v = model.init(jax.random.key(0), jnp.ones((4, 3)))
     >>> loss = lambda v, x: jnp.mean(model.apply(v, x) ** 2)
@@ -421,7 +421,7 @@ def reallocation_plan(flat_mask: Array, flat_scores: Array, num_prune, capacity:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from jaxrank.alora import reallocation_plan
+    >>> from jaxrank import reallocation_plan
     >>> mask = jnp.array([1, 1, 0, 1, 1, 0, 1, 0, 0.])       # 3 modules of capacity 3
     >>> scores = jnp.array([0, 5, jnp.nan, 4, 6, jnp.nan, 9, jnp.nan, jnp.nan])
     >>> pruned, added = reallocation_plan(mask, scores, 1, 3)
@@ -530,7 +530,7 @@ def prune_and_reallocate(
   return slots.replace(params, new_leaves), Reallocation(pruned, added)
 
 
-def reset_optimizer_state(model_or_adapter, opt_state, fresh_state, params, slot_mask):
+def alora_reset_optimizer_state(model_or_adapter, opt_state, fresh_state, params, slot_mask):
   """Resets the inner optimizer's state of the slots in ``slot_mask`` to ``fresh_state``'s.
 
   A state leaf belongs to a parameter when its tree path *ends with* that parameter's path
@@ -585,7 +585,7 @@ def alora_round(
   new_params, info = prune_and_reallocate(
       model_or_adapter, params, scores, num_prune=num_prune, rng=rng)
   if optimizer is not None and opt_state is not None:
-    opt_state = reset_optimizer_state(
+    opt_state = alora_reset_optimizer_state(
         model_or_adapter, opt_state, optimizer.init(new_params), new_params, info.added)
   return new_params, opt_state, scores, info
 
@@ -605,7 +605,7 @@ class ALoRAState(NamedTuple):
   inner_state: Any
 
 
-def check_schedule(warmup_steps: int, recovery_steps: int, num_rounds: int,
+def alora_check_schedule(warmup_steps: int, recovery_steps: int, num_rounds: int,
                    total_steps: Optional[int] = None) -> None:
   """Raises ``ValueError`` if K1, K2, N_A cannot run within ``total_steps``."""
   for name, value, low in (("warmup_steps (K1)", warmup_steps, 1),
@@ -676,7 +676,7 @@ def alora(
     validation_batch=None, **extra_args)`` needs ``params``.
   """
   adapter = _spec(model_or_adapter)
-  check_schedule(warmup_steps, recovery_steps, num_rounds, total_steps)
+  alora_check_schedule(warmup_steps, recovery_steps, num_rounds, total_steps)
   if ranks_per_round is not None and (not isinstance(ranks_per_round, int) or ranks_per_round < 1):
     raise ValueError(f"ranks_per_round (n_A) must be a positive int, got {ranks_per_round!r}.")
   if chunk_size < 1:
@@ -745,7 +745,7 @@ def alora(
         flat_scores = jax.lax.pmean(flat_scores, axis_name)
       scores = slots.unflatten(flat_scores)
       rounded, info = prune_and_reallocate(adapter, stepped, scores, num_prune=n_a, rng=key)
-      inner_state = reset_optimizer_state(
+      inner_state = alora_reset_optimizer_state(
           adapter, inner_state, inner.init(rounded), rounded, info.added)
       added = slots.slot_masks_for_leaves(info.added)
 
@@ -782,18 +782,3 @@ def live_rank_total(model_or_adapter, params) -> int:
   """The number of live ranks in the whole network."""
   return int(sum(np.sum(np.asarray(m)) for m in _variables.rank_masks(
       _spec(model_or_adapter), params).values()))
-
-
-# ``jaxrank/__init__.py`` re-exports the transform :func:`alora`, which shadows this module's
-# name on the package; these aliases keep ``jaxrank.alora.X`` working either way.
-alora.ALoRA = ALoRA
-alora.ALoRAState = ALoRAState
-alora.Reallocation = Reallocation
-alora.ablation_scores = ablation_scores
-alora.ablation_scores_naive = ablation_scores_naive
-alora.alora_round = alora_round
-alora.check_schedule = check_schedule
-alora.live_rank_total = live_rank_total
-alora.prune_and_reallocate = prune_and_reallocate
-alora.reallocation_plan = reallocation_plan
-alora.reset_optimizer_state = reset_optimizer_state

@@ -25,7 +25,7 @@ called after ``optimizer.step()``. Within one call, in PEFT's order:
    (eq. 10);
 3. the triplet score ``S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)`` with ``s = Ī · Ū``
    (eq. 7, 11);
-4. the budget ``b(t)`` (:func:`budget_schedule`); a mask event when ``tinit < t < total_step −
+4. the budget ``b(t)`` (:func:`adalora_budget_schedule`); a mask event when ``tinit < t < total_step −
    tfinal`` and ``t % deltaT == 0``, or ``t == total_step − tfinal`` (the final allocation,
    budget ``target_r · n``, after which the EMAs are reset as PEFT does); at a mask event the
    ``Λ`` entries whose score is not above the ``(n_total − b)``-th smallest are set to zero
@@ -38,7 +38,7 @@ table, so it never triggers recompilation.
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, jaxrank
-  >>> from jaxrank.adalora import AdaLoRA, adalora, rank_pattern_from_state
+  >>> from jaxrank import AdaLoRA, adalora, adalora_rank_pattern
   >>> class MLP(nn.Module):
   ...   @nn.compact
   ...   def __call__(self, x):
@@ -55,7 +55,7 @@ Example:
   ...   grads = jax.grad(loss)(trainable)
   ...   updates, state = update(grads, state, trainable)
   ...   trainable = optax.apply_updates(trainable, updates)
-  >>> pattern = rank_pattern_from_state(state)  # a bool per rank and layer
+  >>> pattern = adalora_rank_pattern(state)  # a bool per rank and layer
   >>> sorted(pattern), sum(int(kept.sum()) for kept in pattern.values())  # budget 2 x 2 layers
   (['hidden', 'out'], 4)
 """
@@ -100,7 +100,7 @@ class AdaLoRA(_adapter.LoRA):
     init_std: standard deviation of the Gaussian init of ``P`` and ``Q``.
 
   Example:
-    >>> from jaxrank.adalora import AdaLoRA
+    >>> from jaxrank import AdaLoRA
     >>> spec = AdaLoRA(rank=12, alpha=8.0)
     >>> round(spec.scale, 6), spec.down_name, spec.up_name, spec.gate_names
     (0.666666, 'Q', 'P', ('singular_values',))
@@ -142,7 +142,7 @@ class AdaLoRA(_adapter.LoRA):
 # --------------------------------------------------------------------------------------------
 
 
-def budget_schedule(
+def adalora_budget_schedule(
     step: int, *, init_budget: int, target_budget: int, tinit: int, tfinal: int,
     total_step: int, deltaT: int,
 ) -> tuple[int, bool]:
@@ -152,8 +152,8 @@ def budget_schedule(
   as PEFT does in float64; ``b_0`` for ``t <= tinit`` and ``b_T`` for ``t > T − tfinal``.
 
   Example:
-    >>> from jaxrank.adalora import budget_schedule
-    >>> [budget_schedule(t, init_budget=12, target_budget=6, tinit=2, tfinal=2, total_step=10,
+    >>> from jaxrank import adalora_budget_schedule
+    >>> [adalora_budget_schedule(t, init_budget=12, target_budget=6, tinit=2, tfinal=2, total_step=10,
     ...                  deltaT=1)[0] for t in range(11)]
     [12, 12, 12, 9, 7, 6, 6, 6, 6, 6, 6]
   """
@@ -171,7 +171,7 @@ def _schedule_tables(init_budget, target_budget, tinit, tfinal, total_step, delt
   final = total_step - tfinal
   budgets, events = [], []
   for step in range(total_step + 1):
-    budget, mask_ind = budget_schedule(
+    budget, mask_ind = adalora_budget_schedule(
         step, init_budget=init_budget, target_budget=target_budget, tinit=tinit,
         tfinal=tfinal, total_step=total_step, deltaT=deltaT)
     budgets.append(budget)
@@ -222,7 +222,7 @@ def _find_layers(params, down_name: str, up_name: str, gate_name: str) -> dict[s
     raise ValueError(
         f"jaxrank.adalora found no AdaLoRA adapters (gates/.../{gate_name} with lora/.../"
         f"{down_name} and lora/.../{up_name}) in the parameters. Wrap the model with "
-        "adapter=jaxrank.adalora.AdaLoRA(...) and pass the trainable variables "
+        "adapter=jaxrank.AdaLoRA(...) and pass the trainable variables "
         "{'lora': ..., 'gates': ...} (or all variables) as params to init and update.")
   return layers
 
@@ -440,7 +440,7 @@ def adalora(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def find_state(state) -> AdaLoraState:
+def find_adalora_state(state) -> AdaLoraState:
   """The :class:`AdaLoraState` inside any optax state (chain, MultiSteps, inject_hyperparams)."""
   found = [
       s for s in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, AdaLoraState))
@@ -453,18 +453,9 @@ def find_state(state) -> AdaLoraState:
   return found[0]
 
 
-def rank_pattern_from_state(state) -> dict[str, Array]:
+def adalora_rank_pattern(state) -> dict[str, Array]:
   """Per layer path, a bool per rank (True = kept): PEFT's ``rank_pattern``, at any step.
 
   ``state`` may be the :func:`adalora` state or any optax state containing it.
   """
-  return dict(find_state(state).rank_masks)
-
-
-# ``jaxrank.adalora`` may be re-exported as the factory function, which then shadows this
-# module's name on the package; these aliases keep ``jaxrank.adalora.X`` working either way.
-adalora.AdaLoRA = AdaLoRA
-adalora.AdaLoraState = AdaLoraState
-adalora.budget_schedule = budget_schedule
-adalora.find_state = find_state
-adalora.rank_pattern_from_state = rank_pattern_from_state
+  return dict(find_adalora_state(state).rank_masks)
