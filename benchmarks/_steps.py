@@ -5,8 +5,8 @@
 penalty, the method's optax transform on ``lora``/``gates`` and AdamW on the head, dropout rngs
 and the method's extra rng streams), jitted with the state donated, its frozen variables and a
 fresh state. The methods come from
-``jaxrank.cli.build_method`` (what ``jaxrank finetune --method NAME`` trains); plain LoRA is
-``jaxrank.train.lora_method(rank)``.
+``jaxrank.recipes.recipe`` (what ``jaxrank finetune --method NAME`` trains); plain LoRA is
+``jaxrank.recipes.lora_recipe(rank=rank)``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _common
-from jaxrank import cli
+from jaxrank import recipes
 from jaxrank import sharding
 from jaxrank import train
 from jaxrank.models import bert
@@ -53,9 +53,8 @@ def random_batch(batch_size: int, seq_len: int, vocab: int, num_labels: int = 2,
 
 def method_for(name: str, *, rank: int, budget_rank: int, steps: int):
   if name == "lora":
-    return train.lora_method(rank=rank)
-  options = cli.MethodOptions(rank=rank, budget_rank=budget_rank)
-  return cli.build_method(name, options, steps)
+    return recipes.lora_recipe(rank=rank)
+  return recipes.recipe(name, rank=rank, budget_rank=budget_rank, total_steps=steps)
 
 
 def build(name: str, base, params, batch, *, rank: int = 8, budget_rank: int = 4,
@@ -66,7 +65,7 @@ def build(name: str, base, params, batch, *, rank: int = 8, budget_rank: int = 4
   :func:`place_batch`)."""
   method = method or method_for(name, rank=rank, budget_rank=budget_rank, steps=steps)
   task = bert.classification_task()
-  # ALoRA scores on the first 8 rows of a validation batch (cli's alora_scoring_examples)
+  # ALoRA scores on the first 8 rows of a validation batch (alora_recipe's scoring_examples)
   prepared = train.setup(base, {"params": params}, method, task, first_batch=batch,
                          steps=steps, learning_rate=learning_rate, head=bert.HEAD_MODULES,
                          targets=targets, seed=seed, validation_batch=batch, mesh=mesh)

@@ -3,7 +3,7 @@
 An ALoRA round scores every live rank with 2R + 1 forward passes on the scoring rows (eq. 6),
 vmapped over ``chunk_size`` ranks at a time (``jaxrank.alora(chunk_size=...)``), and
 ``lax.map`` over the chunks. This times the train step that runs the round (``jaxrank.train``'s
-step as ``jaxrank.cli.build_method('alora', ...)`` builds it: MiniLM, batch 32 × 128, r = 8 on
+step as ``jaxrank.recipes.alora_recipe(...)`` builds it: MiniLM, batch 32 × 128, r = 8 on
 query and value, 8 scoring rows) from a copied pre-round state, twice per chunk size, next to a
 normal step of the same program.
 
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from benchmarks import _common
 from benchmarks import _steps
-from jaxrank import cli
+from jaxrank import recipes
 
 
 def main():
@@ -33,11 +33,10 @@ def main():
   args = parser.parse_args()
   base, params, config = _steps.load_minilm()
   batch = jax.tree.map(jnp.asarray, _steps.random_batch(32, 128, config.vocab_size))
-  steps = 16  # cli's K1 = steps // 4: the round runs in the 4th step
+  steps = 16  # alora_recipe's K1 = steps // 4: the round runs in the 4th step
   rows = []
   for chunk in [int(c) for c in args.chunks.split(",")]:
-    method = cli.build_method("alora", cli.MethodOptions(rank=8, budget_rank=4,
-                                                         alora_chunk_size=chunk), steps)
+    method = recipes.alora_recipe(rank=8, budget_rank=4, chunk_size=chunk, total_steps=steps)
     built = _steps.build("alora", base, params, batch, steps=steps, method=method)
     compiled, _ = _steps.compile_step(built, batch)
     state = built.state

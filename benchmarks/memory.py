@@ -6,8 +6,8 @@ batch 32 × 128, r = 8 on query and value, dropout on, state donated) the compil
 optimizer state), output bytes, bytes aliased between them (the donated state) and the temporary
 buffer (activations, gradients, the method's scratch). Peak ≈ arguments + outputs − aliased +
 temporaries. These are static numbers of the compiled program: deterministic on CPU, no timing.
-ALoRA is listed twice: with ``jaxrank.cli``'s default scoring chunk (1 rank per vmapped call on
-CPU) and with ``alora_chunk_size=32`` (its default on accelerators); its round runs inside the
+ALoRA is listed twice: with ``jaxrank.recipes.alora_recipe``'s default scoring chunk (1 rank
+per vmapped call on CPU) and with ``chunk_size=32`` (its default on accelerators); its round runs inside the
 step's ``lax.cond``, so its scoring forwards count towards the step's peak.
 
 Run:  python benchmarks/memory.py [--bert-base]
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from benchmarks import _common
 from benchmarks import _steps
-from jaxrank import cli
+from jaxrank import recipes
 
 MB = 2 ** 20
 ALORA_OTHER_CHUNK = 32
@@ -39,11 +39,10 @@ def measure(label, base, params, config, batch_size, seq_len):
   batch = jax.tree.map(jnp.asarray, _steps.random_batch(batch_size, seq_len, config.vocab_size))
   rows = []
   # ALoRA's round scores chunk_size ranks per vmapped call (2 x chunk x scoring rows sequences
-  # at once): cli's default (1 on CPU) and 32 (its default on accelerators), to show that
+  # at once): the recipe's default (1 on CPU) and 32 (its default on accelerators), to show that
   # knob's effect on the peak
-  other_chunk = cli.build_method("alora", cli.MethodOptions(rank=8, budget_rank=4,
-                                                            alora_chunk_size=ALORA_OTHER_CHUNK),
-                                 1000)
+  other_chunk = recipes.alora_recipe(rank=8, budget_rank=4, chunk_size=ALORA_OTHER_CHUNK,
+                                     total_steps=1000)
   variants = [(name, None) for name in _steps.METHODS]
   variants.append((f"alora chunk {ALORA_OTHER_CHUNK}", other_chunk))
   for name, method in variants:

@@ -44,7 +44,7 @@ def bench_model(label, base, params, config, *, batch_size, seq_len, warmup, rep
   batch = _steps.random_batch(batch_size, seq_len, config.vocab_size)
   batch = jax.tree.map(jnp.asarray, batch)
   calls = warmup + repeats
-  # ALoRA: its first round is at the (calls + 2)-th optimizer step: cli's K1 = steps // 4
+  # ALoRA: its first round is at the (calls + 2)-th optimizer step: alora_recipe's K1 = steps // 4
   alora_steps = 4 * (calls + 2)
   built, compile_s, cost = {}, {}, {}
   for name in _steps.METHODS:
@@ -134,7 +134,7 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--round-repeats", type=int, default=2)
   parser.add_argument("--k2", type=int, default=250,
-                      help="ALoRA recovery steps per round (cli at --steps 1000: 250)")
+                      help="ALoRA recovery steps per round (alora_recipe at --steps 1000: 250)")
   parser.add_argument("--quick", action="store_true", help="BERT-base at batch 8 x 128")
   parser.add_argument("--models", default="minilm,bert-base",
                       help="comma-separated: minilm, bert-base")

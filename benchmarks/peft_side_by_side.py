@@ -31,12 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks import _common
 from benchmarks import _steps
-from jaxrank import _regularizers
-from jaxrank import train
+from jaxrank import recipes
 from jaxrank.models import bert
 
 LR, WD, STEPS = 1e-4, 0.01, 1000
@@ -80,19 +78,15 @@ def torch_step_fn(method: str, dropout: bool, batch):
 
 def jax_built(method: str, dropout: bool, base, params, batch, mesh):
   if method == "lora":
-    m = train.lora_method(rank=8, alpha=16.0, weight_decay=WD)
+    m = recipes.lora_recipe(rank=8, alpha=16.0, weight_decay=WD)
     rank = 8
   else:
-    import importlib
-    ada = importlib.import_module("jaxrank.adalora")  # the package attribute is the function
-    spec = ada.AdaLoRA(rank=12, alpha=16.0)
-    m = train.Method(
-        name="adalora", adapter=spec,
-        optimizer=lambda ctx: ada.adalora(optax.adamw(ctx.schedule, weight_decay=WD), init_r=12,
-                                          target_r=8, tinit=0, tfinal=0, total_step=STEPS,
-                                          deltaT=1),
-        penalty=lambda model, v: 0.5 * _regularizers.orthogonality_penalty(model, v,
-                                                                           form="peft"))
+    # PEFT's AdaLoraConfig above: no warmup/final phase, masking every step, PEFT's
+    # orthogonality form at weight 0.5, the common learning rate
+    m = recipes.adalora_recipe(rank=12, budget_rank=8, total_steps=STEPS, alpha=16.0,
+                               weight_decay=WD, orthogonality_weight=0.5,
+                               orthogonality_form="peft", lr_factor=1.0, tinit=0, tfinal=0,
+                               delta_t=1)
     rank = 12
   return _steps.build(method, base, params, batch, method=m, rank=rank, dropout=dropout,
                       steps=STEPS, learning_rate=LR, mesh=mesh)

@@ -4,10 +4,10 @@ The task (as in examples/salora_toy.py): a frozen random 4-layer tanh MLP (width
 "pretrained" model; the teacher is the same MLP with weight updates of known ranks
 ``PLANTED = (1, 4, 0, 3)`` on its four layers (total 8). Every method gets the same *final*
 budget: 2 live ranks per matrix on average (8 in all, = the planted total), trained with
-``jaxrank.train.fit`` and the methods exactly as ``jaxrank.cli.build_method`` builds them
+``jaxrank.train.fit`` and the methods exactly as ``jaxrank.recipes.recipe`` builds them
 (``rank = r_max = 8``, ``budget_rank = 2``: AdaLoRA 8 → 2 per matrix on average, SaLoRA target
-density 2/8, SoRA and SaLoRA capped to the budget at the end by ``cli.cap_to_budget``, ALoRA from
-2 per matrix with 2 prune/reallocate rounds). Plain LoRA trains rank 2 on every layer.
+density 2/8, SoRA and SaLoRA capped to the budget at the end by their recipes' final
+top-budget cut, ALoRA from 2 per matrix with 2 prune/reallocate rounds). Plain LoRA trains rank 2 on every layer.
 
 Reported per method: the learned ranks per layer, the allocation error
 ``Σ_layers |learned − planted|``, the fraction of live ranks on layers with a planted update
@@ -29,11 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _common
-from jaxrank import cli
+from jaxrank import recipes
+from jaxrank import tasks
 from jaxrank import train
 
 WIDTH, R_MAX, BUDGET_RANK = 16, 8, 2
 PLANTED = (1, 4, 0, 3)
+METHODS = tuple(name for name in recipes.RECIPES if name != "frozen")
 NAMES = tuple(f"dense{i}" for i in range(len(PLANTED)))
 
 
@@ -61,7 +63,7 @@ def _metrics(outputs, batch):
           "count": jnp.sum(w)}
 
 
-TASK = train.Task(apply=_apply, loss=_mse, metrics=_metrics,
+TASK = tasks.Task(apply=_apply, loss=_mse, metrics=_metrics,
                   summarize=lambda s: {"mse": float(s["sse"]) / max(float(s["count"]), 1.0)})
 
 
@@ -86,15 +88,14 @@ def main():
   parser.add_argument("--seeds", type=int, default=2)
   parser.add_argument("--learning-rate", type=float, default=1e-2)
   args = parser.parse_args()
-  options = cli.MethodOptions(rank=R_MAX, budget_rank=BUDGET_RANK)
   planted = dict(zip(NAMES, PLANTED))
   rows = []
   for seed in range(args.seeds):
     base, params, train_data, eval_data = make_task(seed)
     frozen_mse = float(np.mean((np.asarray(base.apply({"params": params}, eval_data["x"]))
                                 - eval_data["y"]) ** 2))
-    for name in cli.METHODS:
-      method = cli.build_method(name, options, args.steps)
+    for name in METHODS:
+      method = recipes.recipe(name, rank=R_MAX, budget_rank=BUDGET_RANK, total_steps=args.steps)
       result = train.fit(base, {"params": params}, method, TASK, train_data=train_data,
                          eval_data=eval_data, steps=args.steps, batch_size=64,
                          learning_rate=args.learning_rate, targets="all-linear", seed=seed,
@@ -115,7 +116,7 @@ def main():
              "live_total", "live_before_cap", "eval_mse", "frozen_mse"]
   print(_common.table(rows, columns))
   summary = []
-  for name in cli.METHODS:
+  for name in METHODS:
     mine = [r for r in rows if r["method"] == name]
     summary.append({"method": name,
                     "mean_alloc_error": statistics.mean(r["alloc_error"] for r in mine),

@@ -14,32 +14,31 @@ from jaxrank import _deprecated
 from jaxrank import checkpoint
 from jaxrank import sharding
 from jaxrank._adalora import adalora as _adalora_transform
-from jaxrank._adalora import adalora_budget_schedule
 from jaxrank._adalora import adalora_rank_pattern
 from jaxrank._adalora import AdaLoRA
 from jaxrank._adalora import AdaLoraState
 from jaxrank._adalora import find_adalora_state
+from jaxrank._adalora_budget import adalora_budget_schedule
 from jaxrank._adapter import delta_kernel
 from jaxrank._adapter import LoRA
-from jaxrank._alora import ablation_scores
-from jaxrank._alora import ablation_scores_naive
-from jaxrank._alora import alora as _alora_transform
-from jaxrank._alora import alora_check_schedule
-from jaxrank._alora import alora_reset_optimizer_state
-from jaxrank._alora import alora_round
 from jaxrank._alora import ALoRA
-from jaxrank._alora import ALoRAState
-from jaxrank._alora import live_rank_total
-from jaxrank._alora import prune_and_reallocate
-from jaxrank._alora import Reallocation
-from jaxrank._alora import reallocation_plan
+from jaxrank._alora_reallocation import alora_reset_optimizer_state
+from jaxrank._alora_reallocation import prune_and_reallocate
+from jaxrank._alora_reallocation import Reallocation
+from jaxrank._alora_reallocation import reallocation_plan
+from jaxrank._alora_schedule import alora as _alora_transform
+from jaxrank._alora_schedule import alora_check_schedule
+from jaxrank._alora_schedule import alora_round
+from jaxrank._alora_schedule import ALoRAState
+from jaxrank._alora_scoring import ablation_scores
+from jaxrank._alora_scoring import ablation_scores_naive
 from jaxrank._budget import budget_threshold
 from jaxrank._budget import top_budget_masks
+from jaxrank._lagrangian import add_lagrange_multiplier
+from jaxrank._lagrangian import lagrange_multiplier
+from jaxrank._lagrangian import lagrangian_ascent
+from jaxrank._lagrangian import LagrangianAscentState
 from jaxrank._regularizers import orthogonality_penalty
-from jaxrank._salora import add_lagrange_multiplier
-from jaxrank._salora import lagrange_multiplier
-from jaxrank._salora import lagrangian_ascent
-from jaxrank._salora import LagrangianAscentState
 from jaxrank._salora import salora_density
 from jaxrank._salora import salora_expected_density
 from jaxrank._salora import salora_expected_l0
@@ -49,15 +48,16 @@ from jaxrank._salora import salora_penalty
 from jaxrank._salora import SaLoRA
 from jaxrank._sora import soft_threshold
 from jaxrank._sora import SoRA
-from jaxrank._sora import sora_gate_sparsity
 from jaxrank._sora import sora_l1_penalty
-from jaxrank._sora import sora_lambda_values
 from jaxrank._sora import sora_official_threshold
 from jaxrank._sora import sora_optimizer
 from jaxrank._sora import sora_prox
-from jaxrank._sora import SoraPhaseReport
 from jaxrank._sora import SoraProxState
-from jaxrank._sora import sparsifying_scheduler
+from jaxrank._sora_scheduler import sora_gate_sparsity
+from jaxrank._sora_scheduler import sora_lambda_values
+from jaxrank._sora_scheduler import SoraPhaseReport
+from jaxrank._sora_scheduler import sparsifying_scheduler
+from jaxrank._tree import live_rank_total
 from jaxrank._variables import adapter_layers
 from jaxrank._variables import AdapterLayer
 from jaxrank._variables import collection_labels
@@ -91,6 +91,13 @@ _sys.modules["jaxrank.alora"] = alora
 # deprecated modules, imported so that ``jaxrank.sora.X`` keeps working (and warns)
 from jaxrank import salora  # noqa: E402
 from jaxrank import sora  # noqa: E402
+# the recipes build on the names above (recipes.py reads them off ``jaxrank``)
+from jaxrank import recipes  # noqa: E402
+from jaxrank import tasks  # noqa: E402
+from jaxrank._recipe import Recipe  # noqa: E402
+from jaxrank._recipe import RecipeContext  # noqa: E402
+from jaxrank.recipes import RECIPES  # noqa: E402
+from jaxrank.recipes import recipe  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -107,8 +114,8 @@ __all__ = (
     "adapter_partition_specs",
     "AdapterLayer",
     "add_lagrange_multiplier",
-    "ALoRA",
     "alora",
+    "ALoRA",
     "alora_check_schedule",
     "alora_reset_optimizer_state",
     "alora_round",
@@ -136,6 +143,11 @@ __all__ = (
     "rank_pattern",
     "Reallocation",
     "reallocation_plan",
+    "recipe",
+    "Recipe",
+    "RecipeContext",
+    "recipes",
+    "RECIPES",
     "SaLoRA",
     "salora_density",
     "salora_expected_density",
@@ -158,6 +170,7 @@ __all__ = (
     "sparsifying_scheduler",
     "split_variables",
     "TargetMatcher",
+    "tasks",
     "top_budget_masks",
     "trainable_parameter_count",
     "variable_shardings",

@@ -25,7 +25,7 @@ called after ``optimizer.step()``. Within one call, in PEFT's order:
    (eq. 10);
 3. the triplet score ``S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)`` with ``s = Ī · Ū``
    (eq. 7, 11);
-4. the budget ``b(t)`` (:func:`adalora_budget_schedule`); a mask event when ``tinit < t < total_step −
+4. the budget ``b(t)`` (:func:`adalora_budget_schedule`, in ``_adalora_budget.py``); a mask event when ``tinit < t < total_step −
    tfinal`` and ``t % deltaT == 0``, or ``t == total_step − tfinal`` (the final allocation,
    budget ``target_r · n``, after which the EMAs are reset as PEFT does); at a mask event the
    ``Λ`` entries whose score is not above the ``(n_total − b)``-th smallest are set to zero
@@ -70,8 +70,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrank import _adalora_budget
 from jaxrank import _adapter
 from jaxrank import _budget
+from jaxrank import _tree
 
 Array = jax.Array
 
@@ -138,86 +140,26 @@ class AdaLoRA(_adapter.LoRA):
 
 
 # --------------------------------------------------------------------------------------------
-# The budget schedule (PEFT RankAllocator.budget_schedule)
-# --------------------------------------------------------------------------------------------
-
-
-def adalora_budget_schedule(
-    step: int, *, init_budget: int, target_budget: int, tinit: int, tfinal: int,
-    total_step: int, deltaT: int,
-) -> tuple[int, bool]:
-  """PEFT's cubic schedule: ``(budget, mask_ind)`` at (0-based) optimizer step ``step``.
-
-  ``b(t) = b_T + (b_0 − b_T) (1 − (t − t_i) / (T − t_i − t_f))³``, truncated with ``int()``
-  as PEFT does in float64; ``b_0`` for ``t <= tinit`` and ``b_T`` for ``t > T − tfinal``.
-
-  Example:
-    >>> from jaxrank import adalora_budget_schedule
-    >>> [adalora_budget_schedule(t, init_budget=12, target_budget=6, tinit=2, tfinal=2, total_step=10,
-    ...                  deltaT=1)[0] for t in range(11)]
-    [12, 12, 12, 9, 7, 6, 6, 6, 6, 6, 6]
-  """
-  if step <= tinit:
-    return init_budget, False
-  if step > total_step - tfinal:
-    return target_budget, True
-  mul_coeff = 1 - (step - tinit) / (total_step - tfinal - tinit)
-  budget = int((init_budget - target_budget) * (mul_coeff**3) + target_budget)
-  return budget, step % deltaT == 0
-
-
-def _schedule_tables(init_budget, target_budget, tinit, tfinal, total_step, deltaT):
-  """Per step ``0..total_step``: the budget and whether a new mask is computed (numpy)."""
-  final = total_step - tfinal
-  budgets, events = [], []
-  for step in range(total_step + 1):
-    budget, mask_ind = adalora_budget_schedule(
-        step, init_budget=init_budget, target_budget=target_budget, tinit=tinit,
-        tfinal=tfinal, total_step=total_step, deltaT=deltaT)
-    budgets.append(budget)
-    # After `final` the frozen mask is reapplied instead (PEFT mask_using_rank_pattern).
-    events.append((mask_ind and step < final) or step == final)
-  return np.asarray(budgets, np.int32), np.asarray(events, bool)
-
-
-# --------------------------------------------------------------------------------------------
 # Finding the adapters in a parameter tree
 # --------------------------------------------------------------------------------------------
 
 
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 class _Layer(NamedTuple):
-  """Leaf indices of one adapted layer in the flattened parameter tree (static)."""
+  """Keys of one adapted layer's leaves in the parameter tree (static)."""
 
-  down: int
-  up: int
-  gate: int
+  down: tuple
+  up: tuple
+  gate: tuple
   stacked_axes: int
 
 
-def _find_layers(params, down_name: str, up_name: str, gate_name: str) -> dict[str, _Layer]:
-  leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(params)
-  index = {tuple(_key_name(k) for k in path): i for i, (path, _) in enumerate(leaves_with_path)}
-  leaves = [leaf for _, leaf in leaves_with_path]
-  layers = {}
-  for path in sorted(index):
-    if len(path) < 2 or path[0] != "gates" or path[-1] != gate_name:
-      continue
-    prefix = path[1:-1]
-    down = index.get(("lora", *prefix, down_name))
-    up = index.get(("lora", *prefix, up_name))
-    if down is None or up is None:
-      raise ValueError(
-          f"gates/{'/'.join(path[1:])} has no matching lora/{'/'.join(prefix)}/{down_name} and "
-          f"/{up_name}: pass the 'lora' collection together with 'gates' as params.")
-    gate = index[path]
-    layers["/".join(prefix)] = _Layer(down, up, gate, jnp.ndim(leaves[gate]) - 1)
+def _find_layers(leaves, down_name: str, up_name: str, gate_name: str) -> dict[str, _Layer]:
+  layers = {
+      path: _Layer(keys.down, keys.up, keys.gates[gate_name],
+                   jnp.ndim(leaves[keys.gates[gate_name]]) - 1)
+      for path, keys in _tree.find_layers(leaves, down_name, up_name, (gate_name,)).items()
+      if gate_name in keys.gates
+  }
   if not layers:
     raise ValueError(
         f"jaxrank.adalora found no AdaLoRA adapters (gates/.../{gate_name} with lora/.../"
@@ -330,8 +272,8 @@ def adalora(
       raise ValueError(
           "jaxrank.adalora needs the parameters: call tx.init(params) and "
           "tx.update(grads, state, params).")
-    layers = _find_layers(params, down_name, up_name, gate_name)
-    leaves = jax.tree_util.tree_leaves(params)
+    leaves = _tree.leaves_by_key(params)
+    layers = _find_layers(leaves, down_name, up_name, gate_name)
     for path, layer in layers.items():
       rank = jnp.shape(leaves[layer.gate])[-1]
       if rank != init_r:
@@ -374,14 +316,14 @@ def adalora(
     layers, leaves = layers_of(params)
     inner_updates, inner_state = inner_optimizer.update(
         updates, state.inner_state, params, **extra_args)
-    grad_leaves, treedef = jax.tree_util.tree_flatten(updates)
-    update_leaves = treedef.flatten_up_to(inner_updates)
-    if len(grad_leaves) != len(leaves):
+    grad_leaves = _tree.leaves_by_key(updates)
+    update_leaves = _tree.leaves_by_key(inner_updates)
+    if set(grad_leaves) != set(leaves):
       raise ValueError("jaxrank.adalora: updates and params have different tree structures.")
 
     n_matrices = sum(int(np.prod(jnp.shape(leaves[l.gate])[:-1])) for l in layers.values())
     init_budget = n_matrices * init_r
-    budget_table, event_table = _schedule_tables(
+    budget_table, event_table = _adalora_budget.schedule_tables(
         init_budget, target_r * n_matrices, tinit, tfinal, total_step, deltaT)
     step = state.count
     table_index = jnp.minimum(step, total_step)
@@ -416,12 +358,12 @@ def adalora(
         p: jnp.where(mask_event, m, state.rank_masks[p]) for p, m in zip(paths, top)
     }
     apply_mask = mask_event | in_final_phase
-    out_leaves = list(update_leaves)
+    gate_updates = {}
     for path, layer in layers.items():
       drop = apply_mask & ~rank_masks[path]
       old_gate = leaves[layer.gate]
       # Λ ← 0 where dropped: the update is -Λ (exactly zero after apply_updates).
-      out_leaves[layer.gate] = jnp.where(drop, -old_gate, update_leaves[layer.gate])
+      gate_updates[layer.gate] = jnp.where(drop, -old_gate, update_leaves[layer.gate])
 
     # PEFT resets the EMAs right after the final allocation.
     reset = step == final_step
@@ -435,7 +377,7 @@ def adalora(
         rank_masks=rank_masks,
         budget=budget,
     )
-    return jax.tree_util.tree_unflatten(treedef, out_leaves), new_state
+    return _tree.replace_leaves(inner_updates, gate_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

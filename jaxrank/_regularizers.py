@@ -20,11 +20,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxrank import _variables
+from jaxrank import _tree
 from jaxrank import sharding
 
 
-def _gram_deviations(layer: _variables.AdapterLayer) -> tuple[jax.Array, jax.Array]:
+def _gram_deviations(layer: _tree.AdapterLayer) -> tuple[jax.Array, jax.Array]:
   """``||Q Q^T - I||_F`` and ``||P^T P - I||_F`` per stacked copy (shape ``stack``)."""
   lead = layer.stacked_axes
   rank = layer.down.shape[-1]
@@ -44,7 +44,7 @@ def orthogonality_penalty(model, variables, *, form: str = "paper") -> jax.Array
     raise ValueError(f"form must be 'paper' or 'peft', got {form!r}.")
   total = jnp.zeros((), jnp.float32)
   matrices = 0
-  for layer in _variables.adapter_layers(model, variables).values():
+  for layer in _tree.adapter_layers(model, variables).values():
     q_dev, p_dev = _gram_deviations(layer)
     if form == "paper":
       total = total + jnp.sum(q_dev**2) + jnp.sum(p_dev**2)

@@ -72,24 +72,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional, Union
+from typing import ClassVar, Mapping
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import traverse_util
 
 from jaxrank import _adapter
 from jaxrank import _regularizers
-from jaxrank import _variables
+from jaxrank import _tree
+from jaxrank._lagrangian import LAGRANGE_MULTIPLIER
+from jaxrank._lagrangian import LOG_THETA
 
 Array = jax.Array
-ScalarOrSchedule = Union[float, jax.typing.ArrayLike, Callable[[jax.typing.ArrayLike], Any]]
 
-LOG_THETA = "log_theta"
-LAGRANGE_MULTIPLIER = "lagrange_multiplier"
 HARD_CONCRETE_RNG = "hard_concrete"
 # |log θ| written by `harden`: sigmoid(±50) is exactly 1 / below γ's reach in float32, so the
 # deterministic gate and P(g > 0) are exactly 0 or 1.
@@ -181,7 +177,7 @@ class SaLoRA(_adapter.LoRA):
 
 
 def _salora_spec(model) -> SaLoRA:
-  spec = _variables._spec(model)
+  spec = _tree.adapter_spec(model)
   if not isinstance(spec, SaLoRA):
     raise TypeError(
         f"Expected a model wrapped with jaxrank.SaLoRA(...), got {type(spec).__name__}."
@@ -195,11 +191,11 @@ def salora_expected_l0(model, variables) -> dict[str, Array]:
   spec = _salora_spec(model)
   return {
       path: jnp.sum(spec.open_probability(layer.gates[LOG_THETA]), axis=-1)
-      for path, layer in _variables.adapter_layers(spec, variables).items()
+      for path, layer in _tree.adapter_layers(spec, variables).items()
   }
 
 
-def _rank_weight(layer: _variables.AdapterLayer) -> int:
+def _rank_weight(layer: _tree.AdapterLayer) -> int:
   """``d_i + k_i``: the scalars one rank of this layer costs in ``A`` and ``B``."""
   return int(np.prod(layer.in_shape)) + int(np.prod(layer.out_shape))
 
@@ -224,7 +220,7 @@ def salora_expected_density(model, variables, *, form: str = "parameters") -> Ar
   spec = _salora_spec(model)
   kept = jnp.zeros((), jnp.float32)
   total = 0.0
-  for layer in _variables.adapter_layers(spec, variables).values():
+  for layer in _tree.adapter_layers(spec, variables).values():
     log_theta = layer.gates[LOG_THETA]
     weight = _rank_weight(layer)
     l0 = jnp.sum(spec.open_probability(log_theta), axis=-1)  # eq. 8, per matrix
@@ -245,9 +241,9 @@ def salora_density(model, variables) -> float:
   Not differentiable; for reporting.
   """
   spec = _salora_spec(model)
-  masks = _variables.rank_masks(spec, variables)
+  masks = _tree.rank_masks(spec, variables)
   kept = total = 0
-  for path, layer in _variables.adapter_layers(spec, variables).items():
+  for path, layer in _tree.adapter_layers(spec, variables).items():
     mask = np.asarray(masks[path])
     kept += int(mask.sum()) * _rank_weight(layer)
     total += mask.size * _rank_weight(layer)
@@ -257,13 +253,6 @@ def salora_density(model, variables) -> float:
 def salora_lagrangian_term(expected_density_value, multiplier, target_density) -> Array:
   """``λ (C(Θ) - b)²`` (eq. 12)."""
   return multiplier * jnp.square(expected_density_value - target_density)  # eq. 12
-
-
-def _num_matrices(spec, variables) -> int:
-  return sum(
-      int(np.prod(layer.gates[LOG_THETA].shape[:-1]))
-      for layer in _variables.adapter_layers(spec, variables).values()
-  )
 
 
 def _check_target(target_density, upper: float):
@@ -307,7 +296,7 @@ def salora_penalty(
   """
   _check_form(form)
   spec = _salora_spec(model)
-  upper = 1.0 if form == "parameters" else float(_num_matrices(spec, variables))
+  upper = 1.0 if form == "parameters" else float(_tree.num_matrices(spec, variables))
   _check_target(target_density, upper)
   total = orthogonality_weight * _regularizers.orthogonality_penalty(
       spec, variables, form=orthogonality_form
@@ -317,152 +306,6 @@ def salora_penalty(
     c = salora_expected_density(spec, variables, form=form)
     total = total + salora_lagrangian_term(c, gates[LAGRANGE_MULTIPLIER], target_density)  # eq. 12
   return total
-
-
-# --- the Lagrange multiplier ---------------------------------------------------------------
-def add_lagrange_multiplier(variables, value: float = 0.0) -> dict:
-  """Returns ``variables`` with a scalar ``gates/lagrange_multiplier`` (λ of eq. 12).
-
-  Works on full variables or on the trainable dict of :func:`jaxrank.split_variables`.
-  """
-  if value < 0:
-    raise ValueError(f"the Lagrange multiplier must start >= 0, got {value!r}.")
-  variables = _variables._plain(variables)
-  if "gates" not in variables:
-    raise ValueError(
-        "These variables hold no 'gates' collection: make them with "
-        "jaxrank.wrap(..., adapter=jaxrank.SaLoRA(...)).init(...)."
-    )
-  gates = _variables._plain(variables["gates"])
-  gates[LAGRANGE_MULTIPLIER] = jnp.asarray(value, jnp.float32)
-  return {**variables, "gates": gates}
-
-
-def lagrange_multiplier(variables) -> Array:
-  """The current λ (``gates/lagrange_multiplier``)."""
-  try:
-    return variables["gates"][LAGRANGE_MULTIPLIER]
-  except KeyError:
-    raise ValueError(
-        "No gates/lagrange_multiplier in these variables: call "
-        "jaxrank.add_lagrange_multiplier(variables) once after init."
-    ) from None
-
-
-# --- the optimizer --------------------------------------------------------------------------
-class LagrangianAscentState(NamedTuple):
-  """State of :func:`lagrangian_ascent`: the optimizer step count and the inner state."""
-
-  count: chex.Array
-  inner_state: optax.OptState
-
-
-def _leaf_name(path) -> Optional[str]:
-  if not path:
-    return None
-  last = path[-1]
-  return getattr(last, "key", getattr(last, "name", None))
-
-
-def _is_concrete_number(x) -> bool:
-  return not isinstance(x, jax.core.Tracer) and not callable(x) and np.ndim(x) == 0
-
-
-def lagrangian_ascent(
-    learning_rate: ScalarOrSchedule,
-    inner: optax.GradientTransformation,
-    *,
-    t_start: jax.typing.ArrayLike,
-    t_end: jax.typing.ArrayLike,
-    total_steps: Optional[int] = None,
-) -> optax.GradientTransformationExtraArgs:
-  """SaLoRA's min-max optimizer (eq. 12): descent on everything, projected ascent on λ.
-
-  * ``λ`` (every leaf named ``lagrange_multiplier``) takes a projected gradient *ascent* step
-    ``λ ← max(0, λ + η_λ ∂L/∂λ)``; the inner optimizer never sees its gradient.
-  * Every other leaf is updated by ``inner`` (e.g. ``optax.adam``).
-  * ``log θ`` (leaves named ``log_theta``) and ``λ`` move only on optimizer steps
-    ``t_start <= step < t_end`` (steps count from 0); outside that window their gradients
-    are zeroed before ``inner`` and their updates are exactly zero.
-
-  Place it where the gates and λ are optimised: on the trainable dict, on full variables
-  (combine with ``optax.partition`` to freeze ``params``), or inside ``optax.partition`` for
-  the ``gates`` label. ``learning_rate`` may be a schedule; ``learning_rate``, ``t_start`` and
-  ``t_end`` can be injected with ``optax.inject_hyperparams`` (pass the step bounds as
-  ``static_args`` to keep the construction-time checks).
-
-  With eq. 12's quadratic term, ``∂L/∂λ = (C(Θ) - b)² >= 0``, so λ never decreases and grows
-  while ``C(Θ) != b``; the projection matters when a loss gives λ a negative gradient. Trees
-  without a ``lagrange_multiplier`` leaf are fine (only the window on ``log θ`` applies).
-
-  Args:
-    learning_rate: η_λ, the ascent step size on λ (a float or a schedule of the step).
-    inner: the optimizer for everything else.
-    t_start: first optimizer step on which ``log θ`` and λ are updated.
-    t_end: the first step after the window (``t_start <= t_end``).
-    total_steps: the training length, if known; the window must fit in it.
-  """
-  concrete = [_is_concrete_number(t) for t in (t_start, t_end)]
-  if concrete[0] and int(t_start) < 0:
-    raise ValueError(f"t_start must be >= 0, got {t_start!r}.")
-  if all(concrete) and int(t_start) > int(t_end):
-    raise ValueError(
-        f"t_start ({t_start}) is after t_end ({t_end}): the window [t_start, t_end) in which "
-        "log θ and λ are trained must satisfy t_start <= t_end."
-    )
-  if total_steps is not None:
-    if int(total_steps) <= 0:
-      raise ValueError(f"total_steps must be positive, got {total_steps!r}.")
-    if concrete[1] and int(t_end) > int(total_steps):
-      raise ValueError(
-          f"t_end ({t_end}) is past the end of training (total_steps={total_steps}): lower "
-          "t_end or raise total_steps."
-      )
-  if _is_concrete_number(learning_rate) and float(learning_rate) < 0:
-    raise ValueError(
-        f"learning_rate must be >= 0 (the ascent direction is built in), got {learning_rate!r}."
-    )
-  inner = optax.with_extra_args_support(inner)
-
-  def init_fn(params):
-    return LagrangianAscentState(jnp.zeros([], jnp.int32), inner.init(params))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(
-          "lagrangian_ascent needs params (the current λ, for the projection onto λ >= 0): "
-          "call tx.update(grads, state, params)."
-      )
-    count = state.count
-    active = jnp.logical_and(count >= t_start, count < t_end)
-    eta = learning_rate(count) if callable(learning_rate) else learning_rate
-
-    def inner_grad(path, g):
-      name = _leaf_name(path)
-      if name == LAGRANGE_MULTIPLIER:
-        return jnp.zeros_like(g)
-      if name == LOG_THETA:
-        return jnp.where(active, g, jnp.zeros_like(g))
-      return g
-
-    inner_updates, inner_state = inner.update(
-        jax.tree_util.tree_map_with_path(inner_grad, updates), state.inner_state, params,
-        **extra_args,
-    )
-
-    def final(path, u, g, p):
-      name = _leaf_name(path)
-      if name == LAGRANGE_MULTIPLIER:
-        ascended = jnp.maximum(p + eta * g, 0.0)  # projected ascent onto λ >= 0
-        return jnp.where(active, ascended - p, jnp.zeros_like(p)).astype(u.dtype)
-      if name == LOG_THETA:
-        return jnp.where(active, u, jnp.zeros_like(u))
-      return u
-
-    new_updates = jax.tree_util.tree_map_with_path(final, inner_updates, updates, params)
-    return new_updates, LagrangianAscentState(optax.safe_increment(count), inner_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # --- after training ---------------------------------------------------------------------------
@@ -492,7 +335,7 @@ def salora_harden(model, variables, *, rule: str = "budget") -> dict:
   if rule not in ("budget", "layer", "threshold"):
     raise ValueError(f"rule must be 'budget', 'layer' or 'threshold', got {rule!r}.")
   spec = _salora_spec(model)
-  layers = _variables.adapter_layers(spec, variables)
+  layers = _tree.adapter_layers(spec, variables)
   keep: dict[str, np.ndarray] = {}
   if rule == "threshold":
     for path, layer in layers.items():
@@ -505,28 +348,15 @@ def salora_harden(model, variables, *, rule: str = "budget") -> dict:
       ranks = np.argsort(order, axis=-1)  # position of each gate in descending order
       keep[path] = ranks < n_keep[..., None]
   else:
-    probs, weights, owners = [], [], []
-    for path, layer in layers.items():
-      p = np.asarray(spec.open_probability(layer.gates[LOG_THETA]), np.float64)
-      probs.append(p.reshape(-1))
-      weights.append(np.full(p.size, _rank_weight(layer), np.float64))
-      owners.append((path, p.shape, p.size))
-    probs, weights = np.concatenate(probs), np.concatenate(weights)
-    target = float(np.sum(probs * weights) / np.sum(weights))  # C(Θ), eq. 11
-    order = np.argsort(-probs, kind="stable")
+    probs = {path: np.asarray(spec.open_probability(layer.gates[LOG_THETA]), np.float64)
+             for path, layer in layers.items()}
+    flat_probs = np.concatenate([p.reshape(-1) for p in probs.values()])
+    weights = np.concatenate([np.full(probs[path].size, _rank_weight(layer), np.float64)
+                              for path, layer in layers.items()])
+    target = float(np.sum(flat_probs * weights) / np.sum(weights))  # C(Θ), eq. 11
+    order = np.argsort(-flat_probs, kind="stable")
     fractions = np.concatenate([[0.0], np.cumsum(weights[order])]) / np.sum(weights)
-    n_keep = int(np.argmin(np.abs(fractions - target)))
-    flat_keep = np.zeros(probs.size, bool)
-    flat_keep[order[:n_keep]] = True
-    start = 0
-    for path, shape, size in owners:
-      keep[path] = flat_keep[start:start + size].reshape(shape)
-      start += size
-  flat_gates = traverse_util.flatten_dict(_variables._plain(variables["gates"]))
-  for path, mask in keep.items():
-    key = (tuple(path.split("/")) if path else ()) + (LOG_THETA,)
-    old = flat_gates[key]
-    flat_gates[key] = jnp.where(jnp.asarray(mask), HARD_LOG_THETA, -HARD_LOG_THETA).astype(
-        old.dtype
-    )
-  return {**_variables._plain(variables), "gates": traverse_util.unflatten_dict(flat_gates)}
+    keep = _tree.top_k_masks(probs, int(np.argmin(np.abs(fractions - target))))
+  return _tree.with_gate_values(variables, LOG_THETA, {
+      path: np.where(mask, HARD_LOG_THETA, -HARD_LOG_THETA) for path, mask in keep.items()})
+

@@ -1,4 +1,4 @@
-"""SoRA (Ding et al., 2023): gated LoRA, the proximal gate step, the sparsifying scheduler.
+"""SoRA (Ding et al., 2023): gated LoRA and the proximal gate step.
 
 A SoRA layer computes (eq. 6-9)::
 
@@ -53,15 +53,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import ClassVar, Mapping, NamedTuple, Optional, Union
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxrank import _adapter
+from jaxrank import _tree
 from jaxrank import _variables
 
 Array = jax.Array
@@ -146,25 +146,6 @@ def sora_official_threshold(x: Array, xi: jax.typing.ArrayLike) -> Array:
 
 
 # --- finding the gates in a tree --------------------------------------------------------------
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def _is_gate_path(path, collection: Optional[str], gate_name: str) -> bool:
-  names = [_key_name(k) for k in path]
-  if not names or names[-1] != gate_name:
-    return False
-  return collection is None or collection in names[:-1]
-
-
-def _gate_leaves(tree, collection: Optional[str], gate_name: str) -> list:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [x for path, x in flat if _is_gate_path(path, collection, gate_name)]
-
-
 def _no_gates_error(what: str, collection: Optional[str], gate_name: str) -> ValueError:
   where = f"{collection}/.../{gate_name}" if collection else f".../{gate_name}"
   return ValueError(
@@ -243,7 +224,7 @@ def sora_prox(
       raise ValueError(f"{name} must be non-negative, got {value!r}.")
 
   def init_fn(params):
-    if not _gate_leaves(params, collection, gate_name):
+    if not _tree.named_leaves(params, gate_name, collection):
       raise _no_gates_error("sora_prox.init", collection, gate_name)
     return SoraProxState(count=jnp.zeros([], jnp.int32))
 
@@ -260,11 +241,11 @@ def sora_prox(
       prox = soft_threshold
     else:
       threshold = lam_t  # constant ξ, not scaled by the learning rate (official code)
-      prox = official_threshold
+      prox = sora_official_threshold
     found = []
 
     def leaf(path, update, param):
-      if update is None or not _is_gate_path(path, collection, gate_name):
+      if update is None or not _tree.is_named_leaf(path, gate_name, collection):
         return update
       found.append(path)
       stepped = param + update.astype(param.dtype)
@@ -299,7 +280,7 @@ def sora_l1_penalty(
   """
   if reduction not in ("sum", "mean"):
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}.")
-  gates = _gate_leaves(variables, collection, gate_name)
+  gates = _tree.named_leaves(variables, gate_name, collection)
   if not gates:
     raise _no_gates_error("sora_l1_penalty", collection, gate_name)
   total = sum(jnp.sum(jnp.abs(g.astype(jnp.float32))) for g in gates)
@@ -353,113 +334,3 @@ def sora_optimizer(
   if max_grad_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
   return optax.with_extra_args_support(tx)
-
-
-# --- sparsity and the sparsifying scheduler (Algorithm 1) ----------------------------------------
-def sora_gate_sparsity(model, variables) -> float:
-  """The fraction of gate entries that are exactly zero, over all SoRA layers."""
-  masks = _variables.rank_masks(model, variables)
-  total = sum(int(np.size(m)) for m in masks.values())
-  alive = sum(int(np.sum(np.asarray(m))) for m in masks.values())
-  return 1.0 - alive / total
-
-
-def sora_lambda_values(start: float, stop: float, num: int, kind: str = "linear") -> list[float]:
-  """The official ξ list of the sparsifying scheduler (``SparseAdamW._build_lambda_list``).
-
-  ``linear``: ``linspace(start, stop, num)``; ``log_linear``: ``log(linspace(e^start,
-  e^stop, num))``; ``exp_linear``: ``exp(linspace(log start, log stop, num))`` (start > 0).
-
-  >>> sora_lambda_values(0.0, 3.0, 4)
-  [0.0, 1.0, 2.0, 3.0]
-  """
-  if num < 1:
-    raise ValueError(f"num must be >= 1, got {num!r}.")
-  if kind == "linear":
-    values = np.linspace(start, stop, num)
-  elif kind == "log_linear":
-    values = np.log(np.linspace(np.exp(start), np.exp(stop), num))
-  elif kind == "exp_linear":
-    if start <= 0 or stop <= 0:
-      raise ValueError("kind='exp_linear' needs start > 0 and stop > 0.")
-    values = np.exp(np.linspace(np.log(start), np.log(stop), num))
-  else:
-    raise ValueError(f"kind must be 'linear', 'log_linear' or 'exp_linear', got {kind!r}.")
-  return [float(v) for v in values]
-
-
-@dataclasses.dataclass(frozen=True)
-class SoraPhaseReport:
-  """One phase of the sparsifying scheduler: its λ, the sparsity reached and two metrics."""
-
-  phase: int
-  lam: float
-  sparsity: float
-  rank_pattern: dict
-  train_metric: float
-  eval_metric: float
-  # the checkpoint after this phase (Algorithm 1's M'.add(M))
-  variables: Any = dataclasses.field(repr=False, compare=False)
-
-
-def sparsifying_scheduler(
-    model,
-    variables,
-    lams: Sequence[float],
-    train_phase: Callable[[Any, float, int], Any],
-    *,
-    train_metric: Callable[[Any], Any],
-    eval_metric: Callable[[Any], Any],
-    on_phase: Optional[Callable[[SoraPhaseReport], None]] = None,
-) -> list[SoraPhaseReport]:
-  """SoRA's sparsifying scheduler (Algorithm 1): train, then re-train with ever larger λ.
-
-  For each ``lam`` in ``lams`` (the first may be 0 for a dense phase), in order::
-
-      variables = train_phase(variables, lam, phase)
-      report sparsity, rank_pattern, train_metric(variables), eval_metric(variables)
-
-  Each report keeps that phase's variables (the stored checkpoints of Algorithm 1), so the
-  user can pick the sparsest model whose metrics are still acceptable.
-
-  Learning-rate schedules: ``train_phase`` builds its own optimizer (e.g.
-  ``sora_optimizer(optax.adamw(schedule), lam, gate_schedule)``) and its own state, so every
-  phase starts its learning-rate schedule (warmup/decay) and optimizer moments afresh. The
-  official ``run_glue.py`` instead reuses the first phase's optimizer and LR scheduler objects;
-  those have decayed to 0 by the end of phase 1, so its later phases only apply the constant
-  threshold (methods.md §2.4). To reproduce that, keep the optimizer state in a closure and
-  continue it inside ``train_phase``.
-
-  Args:
-    model: the wrapped SoRA model (used to count live ranks).
-    variables: its starting variables.
-    lams: λ per phase, e.g. :func:`sora_lambda_values` ``(0.0, 7e-4, 7)``.
-    train_phase: ``(variables, lam, phase_index) -> variables`` trains one phase.
-    train_metric: ``variables -> scalar`` (the official code's "memorization" numerator).
-    eval_metric: ``variables -> scalar`` (the "generalization" numerator).
-    on_phase: called with each report as soon as it is ready (logging).
-
-  Returns:
-    One :class:`SoraPhaseReport` per phase.
-  """
-  lams = [float(l) for l in lams]
-  if not lams:
-    raise ValueError("lams must hold at least one λ (one phase).")
-  if any(l < 0 for l in lams):
-    raise ValueError(f"every λ must be non-negative, got {lams}.")
-  reports = []
-  for phase, lam in enumerate(lams):
-    variables = train_phase(variables, lam, phase)
-    report = SoraPhaseReport(
-        phase=phase,
-        lam=lam,
-        sparsity=sora_gate_sparsity(model, variables),
-        rank_pattern=_variables.rank_pattern(model, variables),
-        train_metric=float(train_metric(variables)),
-        eval_metric=float(eval_metric(variables)),
-        variables=variables,
-    )
-    reports.append(report)
-    if on_phase is not None:
-      on_phase(report)
-  return reports

@@ -101,3 +101,16 @@ def restore(directory, target: Any, *, step: Optional[int] = None) -> Any:
       target,
       restored,
   )
+
+
+def save_train_state(directory, state, *, max_to_keep: Optional[int] = 3) -> str:
+  """Saves a whole train state (step, trainable tree, optimizer state, rng) under its step.
+
+  ``state`` has a ``step`` field (e.g. ``jaxrank.train.TrainState``); one sub-folder per step,
+  the newest ``max_to_keep`` kept. Restore with ``restore(directory, target)`` where
+  ``target`` is a state of the same structure (e.g. the one ``jaxrank.train.fit`` returns).
+  Returns the absolute directory. ``jaxrank.train.save_checkpoint`` is this function.
+  """
+  path = os.path.abspath(os.fspath(directory))
+  save(path, int(state.step), state, max_to_keep=max_to_keep)
+  return path

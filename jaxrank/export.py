@@ -27,10 +27,11 @@ import numpy as np
 from flax import traverse_util
 
 from jaxrank import _adapter
+from jaxrank import _tree
 from jaxrank import _variables
 
 
-def _delta(adapter: _adapter.LoRA, layer: _variables.AdapterLayer) -> jax.Array:
+def _delta(adapter: _adapter.LoRA, layer: _tree.AdapterLayer) -> jax.Array:
   gate = adapter.effective_gate(layer.gates) if layer.gates else None
   fn = lambda down, up, gate: _adapter.delta_kernel(down, up, gate, adapter.scale)
   for _ in range(layer.stacked_axes):
@@ -40,11 +41,11 @@ def _delta(adapter: _adapter.LoRA, layer: _variables.AdapterLayer) -> jax.Array:
 
 
 def _merged_params(adapter: _adapter.LoRA, variables) -> dict:
-  params = traverse_util.flatten_dict(_variables._plain(variables["params"]))
-  for path, layer in _variables.adapter_layers(adapter, variables).items():
-    key = tuple(path.split("/")) + ("kernel",) if path else ("kernel",)
+  params = traverse_util.flatten_dict(_tree.plain(variables["params"]))
+  for path, layer in _tree.adapter_layers(adapter, variables).items():
+    key = _tree.key_tuple(path) + ("kernel",)
     if key not in params:
-      raise ValueError(f"params/{'/'.join(key)} does not exist: cannot merge lora/{path}.")
+      raise ValueError(f"params/{_tree.path_key(key)} does not exist: cannot merge lora/{path}.")
     kernel = params[key]
     delta = _delta(adapter, layer)
     if delta.shape != kernel.shape:
@@ -70,12 +71,12 @@ def merge(model, variables) -> dict:
     ``params`` for the unwrapped model. Runs under ``jit``; called on concrete arrays it jits
     itself and keeps each base leaf's sharding.
   """
-  adapter = _variables._spec(model)
+  adapter = _tree.adapter_spec(model)
   fn = functools.partial(_merged_params, adapter)
   leaves = jax.tree.leaves(variables)
   if leaves and all(_is_concrete(x) for x in leaves):
-    out_shardings = jax.tree.map(lambda x: x.sharding, _variables._plain(variables["params"]))
-    return jax.jit(fn, out_shardings=out_shardings)(_variables._plain(variables))
+    out_shardings = jax.tree.map(lambda x: x.sharding, _tree.plain(variables["params"]))
+    return jax.jit(fn, out_shardings=out_shardings)(_tree.plain(variables))
   return fn(variables)
 
 
@@ -98,9 +99,9 @@ def compact(model, variables, *, alpha: Any = None):
     :class:`jaxrank.LoRA` (same targets), its variables (``params`` and ``lora``; no ``gates``)
     and the rank of every layer. Runs outside ``jit`` (shapes change).
   """
-  adapter = _variables._spec(model)
-  layers = _variables.adapter_layers(adapter, variables)
-  masks = _variables.rank_masks(adapter, variables)
+  adapter = _tree.adapter_spec(model)
+  layers = _tree.adapter_layers(adapter, variables)
+  masks = _tree.rank_masks(adapter, variables)
   max_rank = max(int(np.max(np.sum(np.asarray(m), axis=-1))) for m in masks.values())
   max_rank = max(max_rank, 1)
   plain = _adapter.LoRA(
@@ -121,12 +122,12 @@ def compact(model, variables, *, alpha: Any = None):
       up = up * gate.reshape(gate.shape + (1,) * len(layer.out_shape))
     down = jnp.take(layer.down, alive, axis=layer.stacked_axes + len(layer.in_shape))
     up = jnp.take(up, alive, axis=layer.stacked_axes).astype(layer.up.dtype)
-    key = tuple(path.split("/")) if path else ()
+    key = _tree.key_tuple(path)
     new_lora[key + (plain.down_name,)] = down
     new_lora[key + (plain.up_name,)] = up
     pattern[path] = int(alive.size)
   new_variables = {
-      k: v for k, v in _variables._plain(variables).items()
+      k: v for k, v in _tree.plain(variables).items()
       if k not in _variables.TRAINABLE_COLLECTIONS
   }
   new_variables["lora"] = traverse_util.unflatten_dict(new_lora)

@@ -1,6 +1,7 @@
 """PEFT-format adapters: save a learned jaxrank adapter for PyTorch, load a PEFT LoRA back.
 
-``save_peft_adapter`` compacts the adapter first (dead ranks dropped, gates folded in), then
+``save_peft_adapter`` compacts the adapter first (dead ranks dropped, gates folded in; what
+:func:`jaxrank.compact` returned, a plain LoRA of scale 1, is written as it is), then
 writes ``adapter_model.safetensors`` and ``adapter_config.json`` in the layout
 ``peft.PeftModel.from_pretrained`` reads: for every adapted ``nn.Dense`` with rank ``r_i > 0``,
 ``base_model.model.<module>.lora_A.weight`` (``r_i x in``) and ``...lora_B.weight``
@@ -33,7 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxrank import _adapter
-from jaxrank import _variables
+from jaxrank import _tree
 from jaxrank import export
 
 _PREFIX = "base_model.model."
@@ -57,7 +58,8 @@ def save_peft_adapter(
 
   Args:
     directory: created if missing.
-    model: the module returned by :func:`jaxrank.wrap` (any method's adapter).
+    model: the module returned by :func:`jaxrank.wrap` (any method's adapter), or the plain-LoRA
+      model that :func:`jaxrank.compact` returned (then it is not compacted again).
     variables: its variables.
     base_model_name_or_path: recorded in the config for PEFT.
     task_type: PEFT task type, e.g. ``"SEQ_CLS"`` or ``"CAUSAL_LM"``.
@@ -69,17 +71,16 @@ def save_peft_adapter(
   """
   from safetensors.numpy import save_file  # the 'hf' extra
 
-  lora_model, compacted, ranks = export.compact(model, variables)
-  plain = lora_model.adapter if hasattr(lora_model, "adapter") else lora_model
+  plain, compacted = _plain_lora(model, variables)
   tensors, rank_pattern, alpha_pattern = {}, {}, {}
-  for path, layer in _variables.adapter_layers(plain, compacted).items():
+  for path, layer in _tree.adapter_layers(plain, compacted).items():
     if layer.stacked_axes or len(layer.in_shape) != 1 or len(layer.out_shape) != 1:
       raise ValueError(
           f"lora/{path} is not a plain 2-D nn.Dense adapter (stacked by nn.scan, or "
           "DenseGeneral/Einsum with several axes); PEFT's Linear LoRA cannot hold it. Merge it "
           "with jaxrank.merge instead."
       )
-    rank = ranks[path]
+    rank = layer.down.shape[-1]
     if rank == 0:
       continue
     name = module_name(path)
@@ -89,10 +90,10 @@ def save_peft_adapter(
     alpha_pattern[name] = float(plain.scale * rank)
   if not rank_pattern:
     raise ValueError("Every rank of every layer is dead: there is no adapter to export.")
-  params = traverse_util.flatten_dict(_variables._plain(variables["params"]))
+  params = traverse_util.flatten_dict(_tree.plain(variables["params"]))
   saved_modules = []
   for path in modules_to_save:
-    key = tuple(path.split("/"))
+    key = _tree.key_tuple(path)
     if key + ("kernel",) not in params:
       raise ValueError(f"modules_to_save: params/{path}/kernel does not exist.")
     name = module_name(path)
@@ -122,6 +123,19 @@ def save_peft_adapter(
   with open(os.path.join(directory, "adapter_config.json"), "w") as f:
     json.dump(config, f, indent=2)
   return config
+
+
+def _plain_lora(model, variables) -> tuple[_adapter.LoRA, dict]:
+  """A plain LoRA of scale 1 over the live ranks: ``model`` itself if it is one already.
+
+  :func:`jaxrank.compact` returns exactly that (gates and scale folded into ``B``); compacting
+  it again would copy every factor unchanged.
+  """
+  adapter = _tree.adapter_spec(model)
+  if type(adapter) is _adapter.LoRA and adapter.scale == 1.0:
+    return adapter, variables
+  lora_model, compacted, _ = export.compact(model, variables)
+  return _tree.adapter_spec(lora_model), compacted
 
 
 def _default_module_path(name: str) -> str:
@@ -163,7 +177,7 @@ def load_peft_adapter(
     declared = next((r for pattern, r in rank_pattern.items() if _matches(pattern, name)), config["r"])
     if declared != rank:
       raise ValueError(f"{name}: rank_pattern says {declared} but lora_A has rank {rank}.")
-    path = tuple(module_path(name).split("/"))
+    path = _tree.key_tuple(module_path(name))
     flat[path + ("A",)] = down
     flat[path + ("B",)] = up * (alpha / rank)
     max_rank = max(max_rank, rank)

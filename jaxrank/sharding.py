@@ -26,7 +26,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrank import _variables
+from jaxrank import _tree
 
 
 def _spec_of(x) -> PartitionSpec:
@@ -58,11 +58,11 @@ def adapter_partition_specs(model, variables, param_specs: Mapping[str, Any]) ->
   Returns:
     ``{'lora': specs, 'gates': specs}`` (``gates`` only when the adapter has gates).
   """
-  flat_specs = traverse_util.flatten_dict(_variables._plain(param_specs))
-  adapter = _variables._spec(model)
+  flat_specs = traverse_util.flatten_dict(_tree.plain(param_specs))
+  adapter = _tree.adapter_spec(model)
   lora, gates = {}, {}
-  for path, layer in _variables.adapter_layers(adapter, variables).items():
-    key = tuple(path.split("/")) if path else ()
+  for path, layer in _tree.adapter_layers(adapter, variables).items():
+    key = _tree.key_tuple(path)
     kernel_spec = flat_specs.get(key + ("kernel",))
     lead, n_in, n_out = layer.stacked_axes, len(layer.in_shape), len(layer.out_shape)
     entries = _padded(_spec_of(kernel_spec), lead + n_in + n_out)
@@ -72,7 +72,7 @@ def adapter_partition_specs(model, variables, param_specs: Mapping[str, Any]) ->
     for name, value in layer.gates.items():
       gates[key + (name,)] = PartitionSpec(*stacked, *([None] * (value.ndim - lead)))
   # Other leaves in ``gates`` (SaLoRA's Lagrange multiplier) are small: replicate them.
-  for key, value in traverse_util.flatten_dict(_variables._plain(variables.get("gates", {}))).items():
+  for key, value in traverse_util.flatten_dict(_tree.plain(variables.get("gates", {}))).items():
     gates.setdefault(key, PartitionSpec(*([None] * len(value.shape))))
   specs = {"lora": traverse_util.unflatten_dict(lora)}
   if gates:

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import jaxrank
+import scan_models
 from jaxrank import AdaLoRA, adalora, adalora_budget_schedule as budget_schedule, find_adalora_state as find_state
 from jaxrank import adalora_rank_pattern as rank_pattern_from_state
 
@@ -356,22 +357,12 @@ def test_budget_concentrates_on_layers_with_planted_rank():
   assert mse < 0.02
 
 
-class _Block(nn.Module):
-  @nn.compact
-  def __call__(self, carry, _):
-    return carry + nn.Dense(carry.shape[-1], name="mix")(nn.tanh(carry)), None
 
 
-class _Scanned(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    stack = nn.scan(_Block, variable_axes={"params": 0, "lora": 0, "gates": 0},
-                    split_rngs={"params": True}, length=3)
-    return stack(name="blocks")(x, None)[0]
 
 
 def test_layers_stacked_by_scan_are_ranked_as_separate_matrices():
-  model = jaxrank.wrap(_Scanned(), adapter=AdaLoRA(rank=4))
+  model = jaxrank.wrap(scan_models.Scanned(stack_name="blocks"), adapter=AdaLoRA(rank=4))
   variables = model.init(jax.random.key(0), jnp.ones((1, 6)))
   frozen, trainable = jaxrank.split_variables(variables)
   tx = adalora(optax.adam(1e-2), init_r=4, target_r=1, tinit=1, tfinal=2, total_step=8)

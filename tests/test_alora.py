@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 
 import jaxrank
+import scan_models
 
 
 
@@ -23,18 +24,8 @@ class MLP(nn.Module):
     return nn.Dense(6, name="l2")(x)
 
 
-class Block(nn.Module):
-  @nn.compact
-  def __call__(self, carry, _):
-    return carry + nn.Dense(carry.shape[-1], name="mix")(nn.tanh(carry)), None
 
 
-class Scanned(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    stack = nn.scan(Block, variable_axes={"params": 0, "lora": 0, "gates": 0},
-                    split_rngs={"params": True}, length=3)
-    return stack(name="blocks")(x, None)[0]
 
 
 SPEC = jaxrank.ALoRA(rank=5, initial_rank=2, alpha=2.0)
@@ -113,7 +104,8 @@ def test_batched_scores_equal_naive_loop(chunk_size):
 
 def test_batched_scores_under_jit_and_scan_stacked_layers():
   spec = jaxrank.ALoRA(rank=3, initial_rank=2)
-  model, variables, batch, loss_fn = _setup(Scanned(), spec=spec, in_dim=4)
+  model, variables, batch, loss_fn = _setup(scan_models.Scanned(stack_name="blocks"), spec=spec,
+                                            in_dim=4)
   assert variables["gates"]["blocks"]["mix"]["mask"].shape == (3, 3)
   naive = jaxrank.ablation_scores_naive(loss_fn, model, variables, batch)
   jitted = jax.jit(lambda v, b: jaxrank.ablation_scores(loss_fn, model, v, b, chunk_size=4))

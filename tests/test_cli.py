@@ -101,11 +101,30 @@ def test_every_method_ends_within_the_rank_budget(tmp_path, method):
   assert config["rank_pattern"] == summary["rank_pattern"]  # compacted to the live ranks
 
 
-def test_alora_scoring_chunk_defaults_to_one_on_cpu_and_can_be_set():
-  import jax
-  default = cli._alora_chunk_size(cli.MethodOptions())
-  assert default == (1 if jax.default_backend() == "cpu" else 32)
-  assert cli._alora_chunk_size(cli.MethodOptions(alora_chunk_size=16)) == 16
+# (the ALoRA scoring-chunk default moved with the recipes: tests/test_recipes.py)
+
+
+@pytest.mark.parametrize("command", ["demo", "finetune"])
+def test_help_names_the_models_tasks_and_methods(command):
+  import os
+  import subprocess
+  import sys
+  run = subprocess.run([sys.executable, "-m", "jaxrank.cli", command, "--help"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "COLUMNS": "200", "TERM": "dumb"})
+  assert run.returncode == 0, run.stderr
+  for name in ("minilm", "smollm2", "tiny-bert", "bbc-news", "austen", "synthetic",
+               "frozen", "lora", "sora", "adalora", "salora", "alora"):
+    assert name in run.stdout, name
+  # typer lists each option with its help line
+  assert "--budget-rank" in run.stdout and "final average rank" in run.stdout
+  # nothing on the way to --help imports the heavy optional libraries
+  probe = ("import sys; sys.argv = ['jaxrank', '--help']\n"
+           "from jaxrank import cli\ntry:\n  cli.main()\nexcept SystemExit:\n  pass\n"
+           "print(sorted(m for m in ('transformers', 'matplotlib') if m in sys.modules))")
+  run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       timeout=300)
+  assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout + run.stderr
 
 
 def test_cpu_devices_trains_every_method_data_parallel_in_a_fresh_process(tmp_path):

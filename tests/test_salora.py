@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import jaxrank
+import scan_models
 import jaxrank
 
 
@@ -39,20 +40,8 @@ class Twin(nn.Module):
     return nn.Dense(4, name="left")(x), nn.Dense(4, name="right")(x)
 
 
-class Block(nn.Module):
-  @nn.compact
-  def __call__(self, carry, _):
-    return carry + nn.Dense(carry.shape[-1], name="mix")(jnp.tanh(carry)), None
 
 
-class Scanned(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    stack = nn.scan(
-        Block, variable_axes={"params": 0, "lora": 0, "gates": 0},
-        split_rngs={"params": True, "hard_concrete": True}, length=3,
-    )
-    return stack(name="blocks")(x, None)[0]
 
 
 def _init(module, spec, in_dim, key=0):
@@ -397,7 +386,7 @@ def test_optax_composition_inject_partition_multisteps():
 
 
 def test_scan_stacked_layers():
-  model, variables = _init(Scanned(), jaxrank.SaLoRA(rank=3), 4)
+  model, variables = _init(scan_models.Scanned(stack_name="blocks"), jaxrank.SaLoRA(rank=3), 4)
   variables = _random_log_theta(_random_up(variables, jax.random.key(0)), jax.random.key(1))
   assert variables["gates"]["blocks"]["mix"]["log_theta"].shape == (3, 3)
   np.testing.assert_allclose(

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxrank
+import scan_models
 import jaxrank
 
 PLANTED = {"first": 1, "second": 3, "third": 0}
@@ -483,23 +484,13 @@ def test_sparsifying_scheduler_reports_each_phase():
                                train_metric=float, eval_metric=float)
 
 
-class Block(nn.Module):
-  @nn.compact
-  def __call__(self, carry, _):
-    return carry + nn.Dense(carry.shape[-1], name="mix")(jnp.tanh(carry)), None
 
 
-class Scanned(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    stack = nn.scan(Block, variable_axes={"params": 0, "lora": 0, "gates": 0},
-                    split_rngs={"params": True}, length=3)
-    return stack(name="layers")(x, None)[0]
 
 
 def test_scanned_layers_prox_and_compact():
   """Stacked gates (nn.scan): the prox is elementwise; compact keeps ranks alive in any copy."""
-  model = jaxrank.wrap(Scanned(), adapter=jaxrank.SoRA(rank=4))
+  model = jaxrank.wrap(scan_models.Scanned(), adapter=jaxrank.SoRA(rank=4))
   x = jax.random.normal(jax.random.key(0), (5, 6))
   variables = model.init(jax.random.key(1), x)
   assert variables["gates"]["layers"]["mix"]["g"].shape == (3, 4)

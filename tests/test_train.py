@@ -5,6 +5,8 @@ import jax
 import numpy as np
 import pytest
 
+from jaxrank import recipes
+from jaxrank import tasks
 from jaxrank import train
 
 
@@ -18,9 +20,9 @@ class Net(nn.Module):
 def _task():
   def apply(model, variables, batch, rngs=None, deterministic=True):
     return model.apply(variables, batch["x"], deterministic=deterministic, rngs=rngs or {})
-  return train.Task(apply=apply, loss=train.classification_loss,
-                    metrics=train.classification_metrics,
-                    summarize=train.summarize_classification)
+  return tasks.Task(apply=apply, loss=tasks.classification_loss,
+                    metrics=tasks.classification_metrics,
+                    summarize=tasks.summarize_classification)
 
 
 def _data(n=96):
@@ -32,7 +34,7 @@ def _variables():
   return Net().init(jax.random.key(0), _data()["x"][:1])
 
 
-@pytest.mark.parametrize("method", [train.lora_method(rank=2), train.frozen_method()],
+@pytest.mark.parametrize("method", [recipes.lora_recipe(rank=2), recipes.frozen_recipe()],
                          ids=["lora", "frozen"])
 def test_fit_is_setup_plus_make_train_step(method):
   data, variables, steps, batch_size = _data(), _variables(), 5, 16
@@ -59,14 +61,14 @@ def test_fit_is_setup_plus_make_train_step(method):
 def test_fit_donates_its_state_but_never_the_callers_arrays():
   variables = _variables()
   before = jax.tree.map(np.array, variables)
-  train.fit(Net(), variables, train.lora_method(rank=2), _task(), train_data=_data(), steps=3,
+  train.fit(Net(), variables, recipes.lora_recipe(rank=2), _task(), train_data=_data(), steps=3,
             batch_size=16, head=("classifier",), progress=False)
   # the head (trained, so donated by every step) started as a copy of the caller's arrays
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, variables), before)
 
 
 def test_make_train_step_deterministic_switches_dropout_off():
-  data, variables, method = _data(), _variables(), train.lora_method(rank=2)
+  data, variables, method = _data(), _variables(), recipes.lora_recipe(rank=2)
   batch = next(train.batches(data, 16, seed=0))
   prepared = train.setup(Net(), variables, method, _task(), first_batch=batch, steps=4,
                          learning_rate=1e-2, head=("classifier",))
@@ -85,15 +87,15 @@ DATA_PARALLEL = """
 import jax, numpy as np, pytest, sys
 sys.path.insert(0, {tests!r})
 from test_train import Net, _data, _task, _variables
-from jaxrank import train
+from jaxrank import recipes, train
 assert jax.device_count() == 4
 auto = (jax.sharding.AxisType.Auto,)
 mesh = jax.make_mesh((4,), ("data",), axis_types=auto)
 kwargs = dict(train_data=_data(), eval_data=_data(40), steps=6, batch_size=16,
               eval_batch_size=8, eval_every=3, head=("classifier",), learning_rate=1e-2,
               progress=False, seed=1)
-single = train.fit(Net(), _variables(), train.lora_method(rank=2, dropout=0.1), _task(), **kwargs)
-split = train.fit(Net(), _variables(), train.lora_method(rank=2, dropout=0.1), _task(),
+single = train.fit(Net(), _variables(), recipes.lora_recipe(rank=2, dropout=0.1), _task(), **kwargs)
+split = train.fit(Net(), _variables(), recipes.lora_recipe(rank=2, dropout=0.1), _task(),
                   mesh=mesh, **kwargs)
 # the same training, dropout masks included, whether or not the batch is split
 jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
@@ -106,11 +108,11 @@ for bad, message in [(dict(batch_size=18), "batch_size 18 does not split over th
                      (dict(eval_batch_size=6), "eval_batch_size 6 does not split"),
                      (dict(data_axis="batch"), "not the data axis 'batch'")]:
   with pytest.raises(ValueError, match=message):
-    train.fit(Net(), _variables(), train.lora_method(rank=2), _task(), mesh=mesh,
+    train.fit(Net(), _variables(), recipes.lora_recipe(rank=2), _task(), mesh=mesh,
               **{{**kwargs, **bad}})
 explicit = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
 with pytest.raises(ValueError, match="needs an Auto axis"):
-  train.fit(Net(), _variables(), train.lora_method(rank=2), _task(), mesh=explicit, **kwargs)
+  train.fit(Net(), _variables(), recipes.lora_recipe(rank=2), _task(), mesh=explicit, **kwargs)
 print("ok")
 """
 
@@ -121,3 +123,25 @@ def test_fit_on_a_mesh_splits_batches_and_trains_as_on_one_device():
   from multidevice import run_on_devices
   tests = os.path.dirname(os.path.abspath(__file__))
   assert run_on_devices(DATA_PARALLEL.format(tests=tests), devices=4).strip().endswith("ok")
+
+
+@pytest.mark.parametrize("old, new", [
+    ("Method", "Recipe"), ("MethodContext", "RecipeContext"), ("lora_method", None),
+    ("frozen_method", None), ("Task", "Task"), ("classification_loss", "classification_loss"),
+    ("summarize_causal_lm", "summarize_causal_lm")])
+def test_the_moved_names_still_work_and_warn(old, new):
+  import jaxrank
+  with pytest.warns(DeprecationWarning, match=f"jaxrank.train.{old} is deprecated"):
+    value = getattr(train, old)
+  if new is not None:
+    assert value is getattr(jaxrank._recipe if "Recipe" in new else tasks, new)
+  else:
+    assert value().name == old.split("_")[0]
+  with pytest.raises(AttributeError, match="no attribute 'nope'"):
+    train.nope
+
+
+def test_fit_takes_a_recipe_name():
+  result = train.fit(Net(), _variables(), "lora", _task(), train_data=_data(), steps=2,
+                     batch_size=16, head=("classifier",), progress=False)
+  assert result.method.name == "lora" and set(result.rank_pattern.values()) == {8}

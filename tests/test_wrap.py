@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import jaxrank
+import scan_models
 
 
 class MLP(nn.Module):
@@ -45,25 +46,8 @@ class EinsumNet(nn.Module):
     return y.reshape(y.shape[:2] + (-1,))
 
 
-class Block(nn.Module):
-  @nn.compact
-  def __call__(self, carry, _):
-    return carry + nn.Dense(carry.shape[-1], name="mix")(nn.tanh(carry)), None
 
 
-class Scanned(nn.Module):
-  variable_axes: tuple = ("params", "lora", "gates")
-
-  @nn.compact
-  def __call__(self, x):
-    stack = nn.scan(
-        Block,
-        variable_axes={c: 0 for c in self.variable_axes},
-        split_rngs={"params": True},
-        length=3,
-    )
-    x, _ = stack(name="layers")(x, None)
-    return x
 
 
 class Remat(nn.Module):
@@ -87,7 +71,7 @@ CASES = {
     "dense_setup": (SetupMLP, (4, 5)),
     "dense_general": (Attention, (2, 3, 6)),
     "einsum": (EinsumNet, (2, 3, 6)),
-    "scan": (Scanned, (4, 8)),
+    "scan": (scan_models.Scanned, (4, 8)),
     "remat": (Remat, (4, 8)),
 }
 
@@ -126,7 +110,7 @@ def test_adapter_paths_mirror_base_paths():
 
 
 def test_scan_stacks_adapters_and_counts_ranks():
-  model = jaxrank.wrap(Scanned(), adapter=jaxrank.LoRA(rank=2))
+  model = jaxrank.wrap(scan_models.Scanned(), adapter=jaxrank.LoRA(rank=2))
   variables = model.init(jax.random.key(0), jnp.ones((4, 8)))
   assert variables["lora"]["layers"]["mix"]["A"].shape == (3, 8, 2)
   assert jaxrank.rank_pattern(model, variables) == {"layers/mix": [2, 2, 2]}
@@ -134,7 +118,8 @@ def test_scan_stacks_adapters_and_counts_ranks():
 
 
 def test_scan_without_adapter_collections_names_the_fix():
-  model = jaxrank.wrap(Scanned(variable_axes=("params",)), adapter=jaxrank.LoRA(rank=2))
+  model = jaxrank.wrap(scan_models.Scanned(variable_axes=("params",)),
+                       adapter=jaxrank.LoRA(rank=2))
   with pytest.raises(ValueError, match="variable_axes"):
     model.init(jax.random.key(0), jnp.ones((4, 8)))
 

@@ -144,12 +144,12 @@ def is_head_path(path: Sequence[str]) -> bool:
 
 
 def classification_task():
-  """The :class:`jaxrank.train.Task` of a Flax BERT sequence classifier (``hf.module``).
+  """The :class:`jaxrank.tasks.Task` of a Flax BERT sequence classifier (``hf.module``).
 
   Batches hold ``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels`` and optionally
   ``weight`` (0 marks padding rows of the last evaluation batch).
   """
-  from jaxrank import train
+  from jaxrank import tasks
 
   def apply(model, variables, batch, rngs=None, deterministic=True):
     ids = batch["input_ids"]
@@ -158,9 +158,7 @@ def classification_task():
         variables, ids, batch["attention_mask"], batch["token_type_ids"], positions, None,
         deterministic=deterministic, return_dict=False, rngs=rngs or {})
 
-  return train.Task(apply=apply, loss=train.classification_loss,
-                    metrics=train.classification_metrics,
-                    summarize=train.summarize_classification)
+  return tasks.classification_task(apply)
 
 
 def jnp_broadcast_positions(ids):

@@ -203,9 +203,9 @@ def greedy_continuation(model, tokenizer, prompt: str, max_new_tokens: int = 8,
 
 
 def causal_lm_task():
-  """The :class:`jaxrank.train.Task` of ``FlaxLlamaForCausalLM.module`` (reports perplexity)."""
+  """The :class:`jaxrank.tasks.Task` of ``FlaxLlamaForCausalLM.module`` (reports perplexity)."""
   import jax.numpy as jnp
-  from jaxrank import train
+  from jaxrank import tasks
 
   def apply(model, variables, batch, rngs=None, deterministic=True):
     mask = batch["attention_mask"]
@@ -213,5 +213,4 @@ def causal_lm_task():
     return model.apply(variables, batch["input_ids"], mask, positions,
                        deterministic=deterministic, return_dict=False, rngs=rngs or {})
 
-  return train.Task(apply=apply, loss=train.causal_lm_loss, metrics=train.causal_lm_metrics,
-                    summarize=train.summarize_causal_lm)
+  return tasks.causal_lm_task(apply)
