@@ -1,25 +1,36 @@
 """Planted-rank recovery: does each method put its rank budget where the teacher's update is?
 
-The task (as in examples/salora_toy.py): a frozen random 4-layer tanh MLP (width 16) is the
-"pretrained" model; the teacher is the same MLP with weight updates of known ranks
-``PLANTED = (1, 4, 0, 3)`` on its four layers (total 8). Every method gets the same *final*
-budget: 2 live ranks per matrix on average (8 in all, = the planted total), trained with
-``jaxrank.train.fit`` and the methods exactly as ``jaxrank.recipes.recipe`` builds them
-(``rank = r_max = 8``, ``budget_rank = 2``: AdaLoRA 8 → 2 per matrix on average, SaLoRA target
-density 2/8, SoRA and SaLoRA capped to the budget at the end by their recipes' final
-top-budget cut, ALoRA from 2 per matrix with 2 prune/reallocate rounds). Plain LoRA trains rank 2 on every layer.
+The task: a frozen random tanh MLP of 5 Dense layers (width 16) is the "pretrained" model; the
+teacher adds to each layer's kernel an update of known rank ``PLANTED = (1, 4, 0, 3, 2)``,
+``ΔW_i = U_i diag(σ) V_iᵀ`` with orthonormal ``U_i, V_i`` and the spectrum
 
-Reported per method: the learned ranks per layer, the allocation error
-``Σ_layers |learned − planted|``, the fraction of live ranks on layers with a planted update
-(layer 3 has none), the live total, and the held-out MSE to the teacher (frozen base for scale).
+* ``flat``: every σ = 1;
+* ``geometric``: σ_j = 0.7^j;
+* ``noisy``: flat σ, plus Gaussian noise (std 0.1) on the train/eval targets.
 
-Run:  python benchmarks/rank_recovery.py [--steps 800] [--seeds 2]
+Test targets are always the clean teacher outputs. Every method gets the same budget, built
+by ``jaxrank.recipes.recipe`` with the library's defaults: capacity ``rank = 8`` per matrix,
+``budget_rank = 2`` (10 ranks in all = the planted total), ``total_steps`` = the run's steps.
+The methods are every recipe but ``frozen``: uniform LoRA at the budget (``lora@budget``),
+the SVD-truncation baseline (``svd``) and the dynamic methods. The training loss is
+``loss_scale × MSE`` (×1 and ×64: the defaults must not depend on the loss's scale); learning
+rates 3e-3 and 1e-2; 1500 steps, batch 64.
+
+Per row: the learned ranks, the allocation score ``1 − Σ|r − k| / (Σr + Σk)`` (1: the planted
+pattern), whether the live total equals the budget, the test MSE and its ratio to the SVD
+baseline's in the same setting. The summary groups methods × spectrum × scale × lr over seeds
+(``mse_ratio``: geometric mean; ``pass_mse``: settings with ratio ≤ 2 or both MSEs < 1e-4).
+
+Run:  python benchmarks/rank_recovery.py [--seeds 3] [--steps 1500] [--methods svd,sora]
+      python benchmarks/rank_recovery.py --quick    # 1 seed, flat, ×1, lr 1e-2, 300 steps
 """
 
 import argparse
+import math
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,10 +44,18 @@ from jaxrank import recipes
 from jaxrank import tasks
 from jaxrank import train
 
-WIDTH, R_MAX, BUDGET_RANK = 16, 8, 2
-PLANTED = (1, 4, 0, 3)
-METHODS = tuple(name for name in recipes.RECIPES if name != "frozen")
+WIDTH, R_MAX = 16, 8
+PLANTED = (1, 4, 0, 3, 2)
+BUDGET_RANK = sum(PLANTED) // len(PLANTED)  # 2 per matrix = 10 in all = sum(PLANTED)
+BUDGET_TOTAL = BUDGET_RANK * len(PLANTED)
+assert BUDGET_TOTAL == sum(PLANTED)
 NAMES = tuple(f"dense{i}" for i in range(len(PLANTED)))
+SIGMA, RATIO, NOISE = 1.0, 0.7, 0.1
+N_TRAIN, N_EVAL, N_TEST, BATCH = 4096, 512, 1024, 64
+SPECTRA = ("flat", "geometric", "noisy")
+METHODS = tuple(name for name in recipes.RECIPES if name != "frozen")
+LABELS = {"lora": "lora@budget"}  # the LoRA recipe at budget_rank: uniform LoRA at the budget
+REFERENCE = "svd"
 
 
 class MLP(nn.Module):
@@ -63,69 +82,159 @@ def _metrics(outputs, batch):
           "count": jnp.sum(w)}
 
 
-TASK = tasks.Task(apply=_apply, loss=_mse, metrics=_metrics,
-                  summarize=lambda s: {"mse": float(s["sse"]) / max(float(s["count"]), 1.0)})
+def make_train_task(loss_scale: float = 1.0) -> tasks.Task:
+  """The MSE task; the training loss is ``loss_scale × MSE``, metrics stay the plain MSE."""
+  scale = float(loss_scale)
+  return tasks.Task(apply=_apply, loss=lambda o, b: scale * _mse(o, b), metrics=_metrics,
+                    summarize=lambda s: {"mse": float(s["sse"]) / max(float(s["count"]), 1.0)})
 
 
-def make_task(seed: int):
+def _orthonormal(rng, n, r):
+  q, _ = np.linalg.qr(rng.normal(size=(n, r)))
+  return q[:, :r]
+
+
+def make_task(spectrum: str = "flat", seed: int = 0) -> dict:
+  """Base model, frozen params, train/eval/test data, the planted pattern, the frozen MSE."""
+  if spectrum not in SPECTRA:
+    raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}.")
+  noise = NOISE if spectrum == "noisy" else 0.0
   base = MLP()
   params = base.init(jax.random.key(seed), jnp.ones((1, WIDTH)))["params"]
-  rng = np.random.default_rng(seed)
+  rng = np.random.default_rng(1000 + seed)
   teacher = jax.tree.map(lambda x: x, params)
   for name, r in zip(NAMES, PLANTED):
     if r:
-      delta = rng.normal(size=(WIDTH, r)) @ rng.normal(size=(r, WIDTH)) / 8
-      teacher[name] = {**params[name], "kernel": params[name]["kernel"] + jnp.asarray(
-          delta, jnp.float32)}
-  data = lambda n, k: (lambda x: {"x": x, "y": np.asarray(base.apply({"params": teacher}, x))})(
-      rng.normal(size=(n, WIDTH)).astype(np.float32))
-  return base, params, data(4096, 0), data(512, 1)
+      sigma = SIGMA * (RATIO ** np.arange(r) if spectrum == "geometric" else np.ones(r))
+      delta = _orthonormal(rng, WIDTH, r) @ np.diag(sigma) @ _orthonormal(rng, WIDTH, r).T
+      teacher[name] = {**params[name],
+                       "kernel": params[name]["kernel"] + jnp.asarray(delta, jnp.float32)}
+  teacher_fn = jax.jit(lambda x: base.apply({"params": teacher}, x))
+
+  def data(n, noisy):
+    x = rng.normal(size=(n, WIDTH)).astype(np.float32)
+    y = np.asarray(teacher_fn(x))
+    if noisy and noise:
+      y = y + noise * rng.normal(size=y.shape).astype(np.float32)
+    return {"x": x, "y": y.astype(np.float32)}
+
+  test = data(N_TEST, False)
+  frozen = np.asarray(base.apply({"params": params}, test["x"]))
+  return {"base": base, "params": params, "train": data(N_TRAIN, True),
+          "eval": data(N_EVAL, True), "test": test, "planted": dict(zip(NAMES, PLANTED)),
+          "spectrum": spectrum, "seed": seed,
+          "frozen_test_mse": float(np.mean((frozen - test["y"]) ** 2))}
+
+
+def allocation_score(learned, planted) -> float:
+  """``1 − Σ|r − k| / (Σr + Σk)`` (1: the planted pattern exactly)."""
+  num = sum(abs(learned.get(k, 0) - planted[k]) for k in planted)
+  den = sum(learned.get(k, 0) for k in planted) + sum(planted.values())
+  return 1.0 - num / max(den, 1)
+
+
+def run(name: str, task: dict, *, steps: int, learning_rate: float, loss_scale: float) -> dict:
+  """Trains recipe ``name`` at the budget on ``task``; returns one result row."""
+  method = recipes.recipe(name, rank=R_MAX, budget_rank=BUDGET_RANK, total_steps=steps)
+  result = train.fit(task["base"], {"params": task["params"]}, method,
+                     make_train_task(loss_scale), train_data=task["train"],
+                     eval_data=task["eval"], test_data=task["test"], steps=steps,
+                     batch_size=BATCH, learning_rate=learning_rate, targets="all-linear",
+                     seed=task["seed"], progress=False)
+  learned = {k.split("/")[-1]: int(v) for k, v in result.rank_pattern.items()}
+  live = sum(learned.values())
+  return {"method": LABELS.get(name, name), "spectrum": task["spectrum"], "seed": task["seed"],
+          "loss_scale": loss_scale, "learning_rate": learning_rate, "steps": steps,
+          "planted": " ".join(map(str, PLANTED)),
+          "ranks": " ".join(str(learned.get(k, 0)) for k in NAMES),
+          "live_total": live, "budget_met": live == BUDGET_TOTAL,
+          "alloc_score": allocation_score(learned, task["planted"]),
+          "test_mse": result.final_metrics["test_mse"],
+          "frozen_test_mse": task["frozen_test_mse"], "wall_s": result.wall_time}
+
+
+def _setting(row):
+  return (row["spectrum"], row["seed"], row["loss_scale"], row["learning_rate"])
+
+
+def add_ratios(rows) -> None:
+  """Adds ``mse_ratio``: the row's test MSE over the SVD baseline's in the same setting."""
+  ref = {_setting(r): r["test_mse"] for r in rows if r["method"] == REFERENCE}
+  for r in rows:
+    m_ref = ref.get(_setting(r))
+    r["mse_ratio"] = float("nan") if m_ref is None else r["test_mse"] / max(m_ref, 1e-30)
+
+
+def summarize(rows, near_zero: float = 1e-4) -> list:
+  """Per method × spectrum × loss scale × lr, over seeds: allocation, budget met, MSE ratio."""
+  ref = {_setting(r): r["test_mse"] for r in rows if r["method"] == REFERENCE}
+  groups = {}
+  for r in rows:
+    key = (r["method"], r["spectrum"], r["loss_scale"], r["learning_rate"])
+    groups.setdefault(key, []).append(r)
+  out = []
+  for (name, spectrum, scale, lr), mine in groups.items():
+    ratios = [r["mse_ratio"] for r in mine if not math.isnan(r["mse_ratio"])]
+    passes = sum(int(r["mse_ratio"] <= 2 or (r["test_mse"] < near_zero
+                                             and ref[_setting(r)] < near_zero))
+                 for r in mine if not math.isnan(r["mse_ratio"]))
+    out.append({
+        "method": name, "spectrum": spectrum, "scale": scale, "lr": lr, "n": len(mine),
+        "alloc_min": min(r["alloc_score"] for r in mine),
+        "alloc_mean": statistics.mean(r["alloc_score"] for r in mine),
+        "budget_met": f"{sum(r['budget_met'] for r in mine)}/{len(mine)}",
+        "test_mse": statistics.mean(r["test_mse"] for r in mine),
+        "mse_ratio": (math.exp(statistics.mean(math.log(max(x, 1e-30)) for x in ratios))
+                      if ratios else float("nan")),
+        "pass_mse": f"{passes}/{len(ratios)}" if ratios else "-"})
+  return out
+
+
+ROW_COLUMNS = ["method", "spectrum", "seed", "loss_scale", "learning_rate", "planted", "ranks",
+               "live_total", "alloc_score", "test_mse", "wall_s"]
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--steps", type=int, default=800)
-  parser.add_argument("--seeds", type=int, default=2)
-  parser.add_argument("--learning-rate", type=float, default=1e-2)
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
+  parser.add_argument("--steps", type=int, default=1500)
+  parser.add_argument("--methods", default=",".join(METHODS),
+                      help=f"comma-separated recipe names (default: {','.join(METHODS)})")
+  parser.add_argument("--quick", action="store_true",
+                      help="a small run: 1 seed, flat spectrum, loss ×1, lr 1e-2, 300 steps")
+  parser.add_argument("--json", default="rank_recovery.json",
+                      help="file name under benchmarks/results (or an absolute path); '' for none")
   args = parser.parse_args()
-  planted = dict(zip(NAMES, PLANTED))
-  rows = []
-  for seed in range(args.seeds):
-    base, params, train_data, eval_data = make_task(seed)
-    frozen_mse = float(np.mean((np.asarray(base.apply({"params": params}, eval_data["x"]))
-                                - eval_data["y"]) ** 2))
-    for name in METHODS:
-      method = recipes.recipe(name, rank=R_MAX, budget_rank=BUDGET_RANK, total_steps=args.steps)
-      result = train.fit(base, {"params": params}, method, TASK, train_data=train_data,
-                         eval_data=eval_data, steps=args.steps, batch_size=64,
-                         learning_rate=args.learning_rate, targets="all-linear", seed=seed,
-                         progress=False)
-      learned = {k.split("/")[-1]: int(v) for k, v in result.rank_pattern.items()}
-      live = sum(learned.values())
-      on_planted = sum(v for k, v in learned.items() if planted[k] > 0)
-      rows.append({
-          "seed": seed, "method": name,
-          "ranks": " ".join(str(learned.get(k, 0)) for k in NAMES),
-          "planted": " ".join(map(str, PLANTED)),
-          "alloc_error": sum(abs(learned.get(k, 0) - planted[k]) for k in NAMES),
-          "on_planted_frac": on_planted / max(live, 1), "live_total": live,
-          "live_before_cap": result.live_ranks_before_finalize,
-          "eval_mse": result.final_metrics["eval_mse"], "frozen_mse": frozen_mse})
-      print(_common.table([rows[-1]], list(rows[-1])), flush=True)
-  columns = ["seed", "method", "planted", "ranks", "alloc_error", "on_planted_frac",
-             "live_total", "live_before_cap", "eval_mse", "frozen_mse"]
-  print(_common.table(rows, columns))
-  summary = []
-  for name in METHODS:
-    mine = [r for r in rows if r["method"] == name]
-    summary.append({"method": name,
-                    "mean_alloc_error": statistics.mean(r["alloc_error"] for r in mine),
-                    "mean_on_planted_frac": statistics.mean(r["on_planted_frac"] for r in mine),
-                    "mean_eval_mse": statistics.mean(r["eval_mse"] for r in mine)})
-  print(_common.table(summary, list(summary[0])))
-  path = _common.write_json("rank_recovery.json", {"args": vars(args), "rows": rows,
-                                                   "summary": summary})
-  print("wrote", path)
+  methods = [m for m in args.methods.split(",") if m]
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown:
+    parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+  if REFERENCE not in methods:
+    methods.append(REFERENCE)  # the MSE ratios need the SVD baseline
+  spectra, scales, rates, seeds, steps = SPECTRA, (1.0, 64.0), (3e-3, 1e-2), args.seeds, args.steps
+  if args.quick:
+    spectra, scales, rates, seeds, steps = ("flat",), (1.0,), (1e-2,), 1, min(steps, 300)
+  start, rows = time.time(), []
+  for spectrum in spectra:
+    for seed in range(seeds):
+      task = make_task(spectrum, seed)
+      for scale in scales:
+        for lr in rates:
+          for name in methods:
+            rows.append(run(name, task, steps=steps, learning_rate=lr, loss_scale=scale))
+            print(_common.table([rows[-1]], ROW_COLUMNS).splitlines()[-1], flush=True)
+  add_ratios(rows)
+  summary = summarize(rows)
+  print(_common.table(rows, ROW_COLUMNS + ["mse_ratio"]))
+  print()
+  print(_common.table(summary, list(summary[0])), flush=True)
+  print(f"{time.time() - start:.0f} s")
+  if args.json:
+    config = {"planted": PLANTED, "width": WIDTH, "rank": R_MAX, "budget_rank": BUDGET_RANK,
+              "spectra": spectra, "seeds": seeds, "loss_scales": scales,
+              "learning_rates": rates, "steps": steps, "methods": methods}
+    print("wrote", _common.write_json(args.json, {"config": config, "rows": rows,
+                                                  "summary": summary}))
 
 
 if __name__ == "__main__":

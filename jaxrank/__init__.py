@@ -12,6 +12,8 @@ import sys as _sys
 
 from jaxrank import _deprecated
 from jaxrank import checkpoint
+from jaxrank.checkpoint import CorruptCheckpointError
+from jaxrank import nnx
 from jaxrank import sharding
 from jaxrank._adalora import adalora as _adalora_transform
 from jaxrank._adalora import adalora_rank_pattern
@@ -28,16 +30,19 @@ from jaxrank._alora_reallocation import Reallocation
 from jaxrank._alora_reallocation import reallocation_plan
 from jaxrank._alora_schedule import alora as _alora_transform
 from jaxrank._alora_schedule import alora_check_schedule
+from jaxrank._alora_schedule import alora_freeze_masks
 from jaxrank._alora_schedule import alora_round
 from jaxrank._alora_schedule import ALoRAState
 from jaxrank._alora_scoring import ablation_scores
 from jaxrank._alora_scoring import ablation_scores_naive
 from jaxrank._budget import budget_threshold
+from jaxrank._fit_checks import NonFiniteError
 from jaxrank._budget import top_budget_masks
 from jaxrank._lagrangian import add_lagrange_multiplier
 from jaxrank._lagrangian import lagrange_multiplier
 from jaxrank._lagrangian import lagrangian_ascent
 from jaxrank._lagrangian import LagrangianAscentState
+from jaxrank._lagrangian import salora_add_loss_scale
 from jaxrank._regularizers import orthogonality_penalty
 from jaxrank._salora import salora_density
 from jaxrank._salora import salora_expected_density
@@ -53,10 +58,18 @@ from jaxrank._sora import sora_official_threshold
 from jaxrank._sora import sora_optimizer
 from jaxrank._sora import sora_prox
 from jaxrank._sora import SoraProxState
+from jaxrank._sora_budget import sora_budget
+from jaxrank._sora_budget import sora_budget_schedule
+from jaxrank._sora_budget import sora_orthogonalize
+from jaxrank._sora_budget import SoraBudgetState
 from jaxrank._sora_scheduler import sora_gate_sparsity
 from jaxrank._sora_scheduler import sora_lambda_values
 from jaxrank._sora_scheduler import SoraPhaseReport
 from jaxrank._sora_scheduler import sparsifying_scheduler
+from jaxrank._svd import svd_truncate
+from jaxrank._svd import svd_truncation
+from jaxrank._svd import SVDTruncation
+from jaxrank._svd import SvdTruncationState
 from jaxrank._tree import live_rank_total
 from jaxrank._variables import adapter_layers
 from jaxrank._variables import AdapterLayer
@@ -117,6 +130,7 @@ __all__ = (
     "alora",
     "ALoRA",
     "alora_check_schedule",
+    "alora_freeze_masks",
     "alora_reset_optimizer_state",
     "alora_round",
     "ALoRAState",
@@ -124,6 +138,7 @@ __all__ = (
     "checkpoint",
     "collection_labels",
     "compact",
+    "CorruptCheckpointError",
     "count_parameters",
     "data_parallel_mesh",
     "delta_kernel",
@@ -137,6 +152,8 @@ __all__ = (
     "load_peft_adapter",
     "LoRA",
     "merge",
+    "NonFiniteError",
+    "nnx",
     "orthogonality_penalty",
     "prune_and_reallocate",
     "rank_masks",
@@ -149,6 +166,7 @@ __all__ = (
     "recipes",
     "RECIPES",
     "SaLoRA",
+    "salora_add_loss_scale",
     "salora_density",
     "salora_expected_density",
     "salora_expected_l0",
@@ -159,16 +177,24 @@ __all__ = (
     "sharding",
     "soft_threshold",
     "SoRA",
+    "sora_budget",
+    "sora_budget_schedule",
     "sora_gate_sparsity",
     "sora_l1_penalty",
     "sora_lambda_values",
     "sora_official_threshold",
     "sora_optimizer",
+    "sora_orthogonalize",
     "sora_prox",
+    "SoraBudgetState",
     "SoraPhaseReport",
     "SoraProxState",
     "sparsifying_scheduler",
     "split_variables",
+    "svd_truncate",
+    "svd_truncation",
+    "SVDTruncation",
+    "SvdTruncationState",
     "TargetMatcher",
     "tasks",
     "top_budget_masks",

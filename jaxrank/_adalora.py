@@ -5,7 +5,8 @@ Two pieces:
 * :class:`AdaLoRA`, the adapter spec. ``Δ = P Λ Q`` (eq. 3). In jaxrank's layout ``down`` is
   ``Q^T`` with shape ``(*in_shape, r)`` (``lora/.../Q``, PEFT ``lora_A`` transposed), ``up`` is
   ``P^T`` with shape ``(r, *out_shape)`` (``lora/.../P``, PEFT ``lora_B`` transposed) and the
-  singular values ``Λ`` are the gate ``gates/.../singular_values`` (PEFT ``lora_E``).
+  singular values ``Λ`` are the gate ``gates/.../singular_values`` (PEFT ``lora_E``); it lives in
+  ``_adalora_spec.py``.
 * :func:`adalora`, an optax transformation that wraps the inner optimizer (like
   ``optax.contrib.sam``). After the inner update it scores every triplet with the smoothed
   sensitivity × uncertainty (eq. 7–11), shrinks the number of kept singular values along PEFT's
@@ -13,7 +14,8 @@ Two pieces:
 
 The orthogonality penalty (eq. 4) is :func:`jaxrank.orthogonality_penalty`; add it to the loss
 (``form="paper"``: squared and summed, the default; ``form="peft"``: PEFT's unsquared mean, use
-it with weight ``orth_reg_weight=0.5`` to reproduce PEFT).
+it with weight ``orth_reg_weight=0.5`` to reproduce PEFT), or let the transform add its gradient
+(``orth_weight``, normalised to the task gradient by default: ``_adalora_orthogonality.py``).
 
 Step convention (PEFT's): the ``t``-th call of ``update`` (``t = 0, 1, ...``, the count of
 optimizer steps already taken) plays the role of PEFT's ``update_and_allocate(global_step=t)``,
@@ -24,17 +26,30 @@ called after ``optimizer.step()``. Within one call, in PEFT's order:
    ``Ī ← β1 Ī + (1 − β1) I`` (eq. 9), ``Ū ← β2 Ū + (1 − β2) |I − Ī|`` with the *new* ``Ī``
    (eq. 10);
 3. the triplet score ``S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)`` with ``s = Ī · Ū``
-   (eq. 7, 11);
+   (eq. 7, 11), or ``|λ_i| ||P_*i|| ||Q_i*||`` (``importance="magnitude"``), in
+   ``_adalora_importance.py``;
 4. the budget ``b(t)`` (:func:`adalora_budget_schedule`, in ``_adalora_budget.py``); a mask event when ``tinit < t < total_step −
    tfinal`` and ``t % deltaT == 0``, or ``t == total_step − tfinal`` (the final allocation,
    budget ``target_r · n``, after which the EMAs are reset as PEFT does); at a mask event the
    ``Λ`` entries whose score is not above the ``(n_total − b)``-th smallest are set to zero
    (eq. 6, PEFT's ``kthvalue``/``<=`` rule, see :func:`jaxrank.budget_threshold`);
-5. for ``t > total_step − tfinal`` the frozen final mask is reapplied every step.
+5. for ``t > total_step − tfinal`` the frozen final mask is reapplied every step; past
+   ``total_step`` (a run longer than announced) the final pattern is kept, never recomputed.
 
-Masked triplets keep their ``P``/``Q`` and optimizer state and keep receiving gradient, so they
-can regrow between mask events (the paper's design). The budget is a traced value read from a
-table, so it never triggers recompilation.
+Masking between events (``compat``). Eq. 6 prunes at *every* step,
+``Λ^(t+1) = T(Λ̃^(t), S^(t))``; the top-``b(t)`` set is recomputed every ``deltaT`` steps and
+
+* ``compat="paper"`` (default) applies the latest pattern after every update, so a masked
+  ``λ_i`` is exactly 0 at every step and :func:`jaxrank.rank_pattern`, :func:`jaxrank.compact`
+  and the PEFT export, which read ``Λ ≠ 0``, follow the allocator. ``P``/``Q`` and the optimizer
+  state of masked triplets are kept and ``λ_i`` gets its gradient step before the mask (``Ī`` is
+  measured on ``λ̃``), so a triplet dropped by mistake can win its place back at the next event
+  (the paper's "potential of future recovery");
+* ``compat="peft"`` masks only at events (PEFT's ``mask_to_budget``), so masked ``λ_i`` regrow
+  in between and ``Λ ≠ 0`` over-counts the kept ranks until the next event; read
+  :func:`jaxrank.adalora_rank_pattern` then.
+
+The budget is a traced value read from a table, so it never triggers recompilation.
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, jaxrank
@@ -62,8 +77,7 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, ClassVar, Mapping, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -71,72 +85,13 @@ import numpy as np
 import optax
 
 from jaxrank import _adalora_budget
-from jaxrank import _adapter
+from jaxrank import _adalora_importance
+from jaxrank import _adalora_orthogonality
 from jaxrank import _budget
 from jaxrank import _tree
+from jaxrank._adalora_spec import AdaLoRA
 
 Array = jax.Array
-
-
-# --------------------------------------------------------------------------------------------
-# The adapter spec
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class AdaLoRA(_adapter.LoRA):
-  """SVD-form adapter ``Δ = P Λ Q`` (AdaLoRA eq. 3), initialised as PEFT does.
-
-  ``P`` and ``Q`` start Gaussian with standard deviation ``init_std`` (0.02, PEFT) and ``Λ``
-  at zero, so the adapted model equals its base model at initialisation.
-
-  Scale: PEFT's ``SVDLinear`` multiplies the branch by ``lora_alpha / (ranknum + 1e-5)`` with
-  ``ranknum = init_r`` that is never decreased when triplets are masked (and is restored on
-  load), and uses ``r`` in place of ``lora_alpha`` when ``lora_alpha <= 0``. :attr:`scale`
-  reproduces that exactly: ``alpha / (rank + 1e-5)`` (``rank / (rank + 1e-5)`` for
-  ``alpha <= 0``), fixed for the whole run.
-
-  Attributes:
-    rank: ``init_r``, the number of triplets per adapted layer (PEFT default 12).
-    alpha: PEFT ``lora_alpha`` (default 8, PEFT's).
-    init_std: standard deviation of the Gaussian init of ``P`` and ``Q``.
-
-  Example:
-    >>> from jaxrank import AdaLoRA
-    >>> spec = AdaLoRA(rank=12, alpha=8.0)
-    >>> round(spec.scale, 6), spec.down_name, spec.up_name, spec.gate_names
-    (0.666666, 'Q', 'P', ('singular_values',))
-  """
-
-  rank: int = 12
-  alpha: float = 8.0
-  init_std: float = 0.02
-
-  down_name = "Q"
-  up_name = "P"
-  gate_names: ClassVar[tuple[str, ...]] = ("singular_values",)
-
-  @property
-  def scale(self) -> float:
-    numerator = self.alpha if self.alpha > 0 else float(self.rank)
-    return numerator / (self.rank + 1e-5)
-
-  def init_down(self, rng: Array, in_shape: tuple[int, ...]) -> Array:
-    """``Q^T`` of shape ``(*in_shape, rank)``, Gaussian with std ``init_std``."""
-    return self.init_std * jax.random.normal(rng, (*in_shape, self.rank), self.param_dtype)
-
-  def init_up(self, rng: Array, out_shape: tuple[int, ...]) -> Array:
-    """``P^T`` of shape ``(rank, *out_shape)``, Gaussian with std ``init_std``."""
-    return self.init_std * jax.random.normal(rng, (self.rank, *out_shape), self.param_dtype)
-
-  def init_gates(self, rng: Array) -> dict[str, Array]:
-    """``Λ`` (the singular values), zeros of shape ``(rank,)``."""
-    del rng
-    return {"singular_values": jnp.zeros((self.rank,), self.param_dtype)}
-
-  def gate(self, gates: Mapping[str, Array], rng_for) -> Array:
-    del rng_for
-    return gates["singular_values"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +140,8 @@ class AdaLoraState(NamedTuple):
     rank_masks: per layer path, a bool per rank: the pattern of the last mask event
       (all True before the first), i.e. PEFT's ``rank_pattern``.
     budget: the budget ``b(t)`` of the last update.
+    grad_scale: the EMA ``ρ̄`` of ``RMS(∇C)`` on ``P``, ``Q`` (uncorrected; normalises the
+      in-transform orthogonality term, 0 when that is off).
   """
 
   count: Array
@@ -193,6 +150,7 @@ class AdaLoraState(NamedTuple):
   uncertainty: dict
   rank_masks: dict
   budget: Array
+  grad_scale: Array
 
 
 def _check_int(name, value, minimum):
@@ -211,6 +169,12 @@ def adalora(
     deltaT: int = 1,
     beta1: jax.typing.ArrayLike = 0.85,
     beta2: jax.typing.ArrayLike = 0.85,
+    compat: str = "paper",
+    importance: str = "sensitivity",
+    orth_weight: jax.typing.ArrayLike = 0.0,
+    orth_form: str = "paper",
+    orth_normalize: bool = True,
+    orth_beta: float = 0.9,
     axis_name: Optional[str] = None,
     down_name: str = AdaLoRA.down_name,
     up_name: str = AdaLoRA.up_name,
@@ -230,6 +194,17 @@ def adalora(
     deltaT: mask every ``deltaT`` steps during the budgeting phase.
     beta1: EMA factor of the sensitivity (eq. 9), in (0, 1).
     beta2: EMA factor of the uncertainty (eq. 10), in (0, 1).
+    compat: ``"paper"`` (the latest pattern after every update, eq. 6) or ``"peft"`` (only at
+      mask events; masked values regrow in between); see the module doc.
+    importance: ``"sensitivity"`` (eq. 7–11, the paper's choice) or ``"magnitude"``
+      (``|λ_i| ||P_*i|| ||Q_i*||``), see ``_adalora_importance.py``.
+    orth_weight: γ of the orthogonality term (eq. 4) added to the gradient inside the
+      transform (0: off; may be traced). For the literal objective ``C + γ Σ_k R`` add
+      :func:`jaxrank.orthogonality_penalty` to the loss instead (or ``orth_normalize=False``).
+    orth_form: ``"paper"`` (squared, summed) or ``"peft"`` (unsquared mean).
+    orth_normalize: True (jaxrank): ``∇C + γ ρ̄_t ∇R`` with ``ρ̄_t`` the bias-corrected EMA of
+      ``RMS(∇C)``, independent of the loss scale; False: ``∇C + γ ∇R`` (the paper).
+    orth_beta: EMA factor of ``ρ̄``.
     axis_name: under ``pmap``/``shard_map``/``vmap``, the axis over which triplet scores are
       averaged (``lax.pmean``) before ranking, so every replica keeps the same triplets.
     down_name, up_name, gate_name: names of ``Q``, ``P`` in ``lora`` and ``Λ`` in ``gates``.
@@ -250,6 +225,10 @@ def adalora(
   _check_int("tinit", tinit, 0)
   _check_int("tfinal", tfinal, 0)
   _check_int("deltaT", deltaT, 1)
+  _adalora_importance.check(importance)
+  for name, value in (("compat", compat), ("orth_form", orth_form)):
+    if value not in ("paper", "peft"):
+      raise ValueError(f"{name} must be 'paper' or 'peft', got {value!r}.")
   if target_r > init_r:
     raise ValueError(
         f"target_r={target_r} > init_r={init_r}: the budget can only shrink. Lower target_r or "
@@ -302,24 +281,24 @@ def adalora(
         uncertainty=jax.tree.map(jnp.zeros_like, zeros),
         rank_masks=masks,
         budget=jnp.asarray(init_budget, jnp.int32),
+        grad_scale=jnp.zeros((), jnp.float32),
     )
-
-  def triplet_score(layer, sensitivity, uncertainty):
-    """Eq. 7 with s = Ī·Ū (eq. 11): shape ``(*stack, r)``."""
-    s = {part: sensitivity[part] * uncertainty[part] for part in ("down", "up", "gate")}
-    lead = layer.stacked_axes
-    down_axes = tuple(range(lead, s["down"].ndim - 1))  # over in_shape
-    up_axes = tuple(range(lead + 1, s["up"].ndim))  # over out_shape
-    return s["gate"] + jnp.mean(s["down"], axis=down_axes) + jnp.mean(s["up"], axis=up_axes)
 
   def update_fn(updates, state, params=None, **extra_args):
     layers, leaves = layers_of(params)
-    inner_updates, inner_state = inner_optimizer.update(
-        updates, state.inner_state, params, **extra_args)
     grad_leaves = _tree.leaves_by_key(updates)
-    update_leaves = _tree.leaves_by_key(inner_updates)
     if set(grad_leaves) != set(leaves):
       raise ValueError("jaxrank.adalora: updates and params have different tree structures.")
+    grad_scale = state.grad_scale
+    if not _adalora_orthogonality.is_off(orth_weight):  # ∇C + γ ρ̄ ∇R (eq. 4)
+      factor_grads, grad_scale = _adalora_orthogonality.add_gradient(
+          grad_leaves, leaves, layers, grad_scale, state.count, weight=orth_weight,
+          form=orth_form, normalize=orth_normalize, beta=orth_beta, axis_name=axis_name)
+      updates = _tree.replace_leaves(updates, factor_grads)
+      grad_leaves = {**grad_leaves, **factor_grads}
+    inner_updates, inner_state = inner_optimizer.update(
+        updates, state.inner_state, params, **extra_args)
+    update_leaves = _tree.leaves_by_key(inner_updates)
 
     n_matrices = sum(int(np.prod(jnp.shape(leaves[l.gate])[:-1])) for l in layers.values())
     init_budget = n_matrices * init_r
@@ -328,7 +307,8 @@ def adalora(
     step = state.count
     table_index = jnp.minimum(step, total_step)
     budget = jnp.asarray(budget_table)[table_index]
-    mask_event = jnp.asarray(event_table)[table_index]
+    # Past total_step nothing is recomputed: the final pattern stays (the EMAs were reset).
+    mask_event = jnp.asarray(event_table)[table_index] & (step <= total_step)
     collecting = step < final_step
     in_final_phase = step > final_step
 
@@ -342,11 +322,13 @@ def adalora(
         new[part] = leaves[i] + update_leaves[i]  # post-update parameter (PEFT order)
         instant = jnp.abs(new[part] * grad_leaves[i]).astype(jnp.float32)  # eq. 8
         old_sens, old_unc = state.sensitivity[path][part], state.uncertainty[path][part]
-        new_sens = b1 * old_sens + (1 - b1) * instant  # eq. 9
-        new_unc = b2 * old_unc + (1 - b2) * jnp.abs(instant - new_sens)  # eq. 10
+        new_sens, new_unc = _adalora_importance.smoothed(old_sens, old_unc, instant, b1, b2)
         sens[part] = jnp.where(collecting, new_sens, old_sens)
         unc[part] = jnp.where(collecting, new_unc, old_unc)
-      score = triplet_score(layer, sens, unc)
+      if importance == "sensitivity":  # eq. 7, 11
+        score = _adalora_importance.sensitivity_score(sens, unc, layer.stacked_axes)
+      else:  # |λ_i| ||P_*i|| ||Q_i*||
+        score = _adalora_importance.magnitude_score(new, layer.stacked_axes)
       if axis_name is not None:
         score = jax.lax.pmean(score, axis_name)
       sensitivity[path], uncertainty[path] = sens, unc
@@ -357,7 +339,8 @@ def adalora(
     rank_masks = {
         p: jnp.where(mask_event, m, state.rank_masks[p]) for p, m in zip(paths, top)
     }
-    apply_mask = mask_event | in_final_phase
+    # eq. 6 at every step ("paper"), or only at events and in the final phase ("peft")
+    apply_mask = True if compat == "paper" else mask_event | in_final_phase
     gate_updates = {}
     for path, layer in layers.items():
       drop = apply_mask & ~rank_masks[path]
@@ -376,6 +359,7 @@ def adalora(
         uncertainty=uncertainty,
         rank_masks=rank_masks,
         budget=budget,
+        grad_scale=grad_scale,
     )
     return _tree.replace_leaves(inner_updates, gate_updates), new_state
 

@@ -77,6 +77,17 @@ class LoRA:
   def __post_init__(self):
     if not isinstance(self.rank, int) or self.rank < 1:
       raise ValueError(f"rank must be a positive int, got {self.rank!r}.")
+    try:
+      scale = self.scale
+    except ArithmeticError:  # a subclass's own checks name its invalid field (ALoRA's ranks)
+      scale = 1.0
+    if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
+        math.isfinite(self.alpha) and math.isfinite(scale) and scale != 0):
+      # checked on ``scale``: a subclass may map alpha <= 0 to a non-zero scale (AdaLoRA: PEFT)
+      raise ValueError(
+          f"alpha must be a finite number that gives a non-zero scale (the adapter output is "
+          f"scaled by {type(self).__name__}.scale, so alpha={self.alpha!r} could never change "
+          f"the model); PEFT's usual choice is alpha = 2 * rank.")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
 
@@ -133,6 +144,22 @@ class LoRA:
       return x
     keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
     return jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
+
+  def branch(self, x: Array, layout, down: Array, up: Array, gates: Mapping[str, Array],
+             rng_for: RngFor) -> Array:
+    """``scale * ((dropout(x) @ down) * gate) @ up`` for one layer: the adapter's output.
+
+    ``layout`` (a ``jaxrank._layers.Layout``) says how ``x`` contracts with ``down`` and the
+    rank-space activations with ``up``; Linen's ``wrap`` and ``jaxrank.nnx.wrap`` both call
+    this, so the two frameworks compute the same function.
+    """
+    dtype = self.compute_dtype(x)
+    x = self.dropout_input(x.astype(dtype), rng_for)
+    hidden = layout.project_down(x, down.astype(dtype))
+    gate = self.gate(gates, rng_for)
+    if gate is not None:
+      hidden = hidden * gate.astype(dtype)
+    return layout.project_up(hidden, up.astype(dtype)) * self.scale
 
   def compute_dtype(self, x: Array) -> Any:
     return self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)

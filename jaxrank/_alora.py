@@ -22,8 +22,10 @@ holds a fixed 0/1 ``mask`` per slot, ``initial_rank`` of them 1 at init. A new r
 free slot (gate 0) of its module: ``A`` re-initialised, ``B = 0``, gate ``1`` and the inner
 optimizer's state of that slot reset, so the network's function is unchanged at that moment.
 A module without a free slot cannot receive ranks; it is skipped (its share goes to the other
-receivers, in the same even order) and, where no receiver has room, the total live rank
-shrinks, as it does in the paper when every module lost a rank (Table 1: 20.0M → 19.6M).
+receivers, in the same even order). Where the receivers have no room, the paper lets the total
+live rank shrink (Table 1: 20.0M → 19.6M); by default (``keep_budget=True``, jaxrank's) the rest
+goes to the modules that lost ranks this round, so every round ends at exactly the budget
+``num_modules × initial_rank``.
 
 Choices where the paper is silent (reference/methods.md §3):
 
@@ -33,6 +35,9 @@ Choices where the paper is silent (reference/methods.md §3):
 * ranks are counted per module, and a module is one matrix in one block (the stacked copies
   of an ``nn.scan`` layer are separate modules);
 * ``n_A`` defaults to the number of modules (one rank per module per round);
+* the gate is ``1[mask ≠ 0]`` and rounds write exact 0/1, so an inner optimizer's weight decay
+  on the mask leaf changes neither the function nor the rank pattern
+  (:func:`jaxrank.alora_freeze_masks` keeps the leaf itself bit-exact);
 * the inner optimizer's *step count* is global, so a re-initialised slot continues with the
   inner optimizer's bias corrections of the current step (Adam moments start at zero).
 
@@ -68,9 +73,10 @@ Example:
   ...   return optax.apply_updates(trainable, updates), state
   >>> for _ in range(6):
   ...   trainable, state = step(trainable, state)
-  >>> # one round; the only matrix lost its worst rank, so nobody receives it (2 -> 1)
+  >>> # one round; the only matrix lost its worst rank and, with no other receiver, gets a
+  >>> # fresh one back: the budget (2) is kept (keep_budget=False: the paper's 2 -> 1)
   >>> int(state.rounds_done), int(jnp.sum(trainable["gates"]["mask"]))
-  (1, 1)
+  (1, 2)
 """
 
 from __future__ import annotations
@@ -104,8 +110,8 @@ class ALoRA(_adapter.LoRA):
 
   ``rank`` is the *capacity* r_cap of every adapted matrix (the slots it owns); the first
   ``initial_rank`` slots start live (gate 1), the others free (gate 0) and ready to receive
-  reallocated ranks. The gate is ``stop_gradient(mask)``: the optimizer never changes it; only
-  :func:`prune_and_reallocate` (or the :func:`alora` transform) writes it.
+  reallocated ranks. The gate is ``stop_gradient(1[mask ≠ 0])``: the optimizer never trains
+  it; only :func:`prune_and_reallocate` (or the :func:`alora` transform) writes it.
 
   Attributes:
     rank: slots per adapted matrix (capacity, r_cap); must exceed ``initial_rank`` so ranks
@@ -149,8 +155,17 @@ class ALoRA(_adapter.LoRA):
     return {MASK: live.astype(self.param_dtype)}
 
   def gate(self, gates: Mapping[str, Array], rng_for) -> Array:
+    """``1[mask ≠ 0]`` without gradient (eq. 3 with the gate fixed to 0/1).
+
+    The stored leaf gets a zero gradient, but an inner optimizer with decoupled weight decay
+    (``optax.adamw``) still shrinks it geometrically (1 → 0.95 in 50 steps at lr 1e-2, decay
+    0.1). Reading the gate as ``mask ≠ 0`` (jaxrank's) makes the function and the rank pattern
+    independent of that drift: no gradient-based update moves a 0 away from 0 or a positive
+    value to exactly 0.
+    """
     del rng_for
-    return jax.lax.stop_gradient(gates[MASK])
+    mask = gates[MASK]
+    return jax.lax.stop_gradient((mask != 0).astype(mask.dtype))
 
 
 # --------------------------------------------------------------------------------------------

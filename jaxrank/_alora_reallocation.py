@@ -2,19 +2,26 @@
 
 One round prunes the ``n_A`` live ranks of lowest AB-LoRA importance (gate → 0) and gives the
 freed ranks to the modules that lost none, as evenly as possible, the remainder to the modules
-of highest mean importance. A new rank takes a free slot: ``A`` re-initialised, ``B = 0``,
-gate 1, so the network's function does not change; :func:`alora_reset_optimizer_state` then
-resets the inner optimizer's state of those slots. Everything is a pure function of arrays and
-runs under ``jit`` (:func:`reallocation_plan` works on flat, module-major arrays).
+of highest mean importance. With ``keep_budget=True`` (the default, jaxrank's) the ranks those
+receivers have no room for go to the other modules live this round, so ``Σ added = Σ pruned``;
+``keep_budget=False`` is the paper's rule (they are lost). A new rank takes a free slot: ``A``
+re-initialised, ``B = 0``, gate 1, so the network's function does not change;
+:func:`alora_reset_optimizer_state` then resets the inner optimizer's state of those slots.
+Gates are written as exact 0/1. Everything is a pure function of arrays and runs under ``jit``
+(:func:`reallocation_plan` works on flat, module-major arrays).
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxrank
   >>> model = jaxrank.wrap(nn.Dense(2), adapter=jaxrank.ALoRA(rank=3, initial_rank=2))
   >>> v = model.init(jax.random.key(0), jnp.ones((4, 3)))
   >>> scores = {"": jnp.array([0.5, 0.1, jnp.nan])}
-  >>> v, info = jaxrank.prune_and_reallocate(model, v, scores, rng=jax.random.key(1))
-  >>> info.pruned[""].tolist(), v["gates"]["mask"].tolist()   # no other module to receive
+  >>> paper, info = jaxrank.prune_and_reallocate(model, v, scores, rng=jax.random.key(1),
+  ...                                            keep_budget=False)
+  >>> info.pruned[""].tolist(), paper["gates"]["mask"].tolist()   # no other module to receive
   ([False, True, False], [1.0, 0.0, 0.0])
+  >>> kept, info = jaxrank.prune_and_reallocate(model, v, scores, rng=jax.random.key(1))
+  >>> info.added[""].tolist(), kept["gates"]["mask"].tolist()   # a fresh rank in slot 1
+  ([False, True, False], [1.0, 1.0, 0.0])
 """
 
 from __future__ import annotations
@@ -48,17 +55,28 @@ def _inverse_permutation(order: Array) -> Array:
   return jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
 
 
-def reallocation_plan(flat_mask: Array, flat_scores: Array, num_prune, capacity: int):
+def reallocation_plan(flat_mask: Array, flat_scores: Array, num_prune, capacity: int, *,
+                      keep_budget: bool = True):
   """The pruned and added slots of one round, on flat (module-major) arrays.
+
+  Receivers (footnotes 2–3): the modules that lost no rank this round, with a live rank and a
+  free slot, as evenly as possible, the remainder to the highest mean importance. When they
+  have fewer free slots than ranks were pruned, ``keep_budget=True`` (default, jaxrank's) gives
+  the rest to the other modules live this round (those that lost ranks, their pruned slots
+  included), in the same order (level, then mean importance), so the total live rank never
+  changes: ``Σ added = Σ pruned``. ``keep_budget=False`` is the paper's literal rule: the
+  remainder is lost and the total shrinks.
 
   Args:
     flat_mask: 0/1 gates of every slot, ``num_modules * capacity`` long.
     flat_scores: importance per slot (``nan`` where not scored).
     num_prune: ``n_A`` (may be traced); at most the scored live slots are pruned.
     capacity: slots per module.
+    keep_budget: see above.
 
   Returns:
-    ``(pruned, added)``: bool arrays shaped like ``flat_mask``.
+    ``(pruned, added)``: bool arrays shaped like ``flat_mask``. With ``keep_budget`` a slot
+    can be both (it is re-initialised as a new rank).
 
   Example:
     >>> import jax.numpy as jnp
@@ -89,18 +107,26 @@ def reallocation_plan(flat_mask: Array, flat_scores: Array, num_prune, capacity:
   # Footnote 2: modules with no pruned rank receive; we also need a live rank (a mean
   # importance) and a free slot.
   receiver = (pruned_per_module == 0) & (scored_per_module > 0) & (free_per_module > 0)
+  # Budget keeping (jaxrank): the modules live this round that lost ranks come second; their
+  # free slots include the ones just pruned.
+  second = (~receiver & (scored_per_module > 0)) if keep_budget else jnp.zeros_like(receiver)
+  free_after = free_per_module + pruned_per_module
   # Footnote 3: as evenly as possible, the remainder to the highest mean importance. Ticket
-  # (module j, level l) means "j's (l+1)-th new rank"; taking tickets by (level, priority)
-  # hands out ranks round-robin in priority order, skipping modules whose slots run out.
+  # (module j, level l) means "j's (l+1)-th new rank"; taking tickets by (tier, level,
+  # priority) hands out ranks round-robin in priority order, skipping modules whose slots run
+  # out, the footnote's receivers first.
   priority = _inverse_permutation(
-      jnp.argsort(jnp.where(receiver, -mean_importance, jnp.inf), stable=True))
+      jnp.argsort(jnp.where(receiver | second, -mean_importance, jnp.inf), stable=True))
   level = jnp.arange(capacity)[None, :]
-  ticket_ok = receiver[:, None] & (level < free_per_module[:, None])
-  ticket_key = jnp.where(ticket_ok, level * modules + priority[:, None], modules * capacity)
+  ticket_ok = ((receiver[:, None] & (level < free_per_module[:, None]))
+               | (second[:, None] & (level < free_after[:, None])))
+  tier = second[:, None].astype(jnp.int32)
+  ticket_key = jnp.where(ticket_ok, (tier * capacity + level) * modules + priority[:, None],
+                         2 * modules * capacity)
   ticket_position = _inverse_permutation(jnp.argsort(ticket_key.reshape(-1), stable=True))
   taken = ticket_ok.reshape(-1) & (ticket_position < jnp.sum(pruned))
   added_per_module = jnp.sum(grid(taken), axis=1)
-  free = grid(~live)
+  free = grid(~live | pruned)
   free_index = jnp.cumsum(free, axis=1) - 1
   added = free & (free_index < added_per_module[:, None])
   return pruned, added.reshape(-1)
@@ -113,6 +139,7 @@ def prune_and_reallocate(
     *,
     num_prune: Optional[int] = None,
     rng: Array,
+    keep_budget: bool = True,
 ):
   """One ALoRA round on ``params`` given AB-LoRA ``scores``: prune ``n_A``, add them elsewhere.
 
@@ -126,9 +153,11 @@ def prune_and_reallocate(
     num_prune: ``n_A``; default one per module. With concrete params, more than the live
       ranks raises ``ValueError``; under ``jit`` it is clipped.
     rng: key for the new ``A`` columns.
+    keep_budget: keep the total live rank exactly (see :func:`reallocation_plan`).
 
   Returns:
-    ``(new_params, Reallocation(pruned, added))`` (``params``' structure kept).
+    ``(new_params, Reallocation(pruned, added))`` (``params``' structure kept). A slot can be
+    both pruned and added (``keep_budget``): it is re-initialised as a new rank.
   """
   adapter = _alora.alora_spec(model_or_adapter)
   slots = _alora.Slots.of(adapter, params)
@@ -143,8 +172,10 @@ def prune_and_reallocate(
       )
   if isinstance(num_prune, int) and num_prune < 0:
     raise ValueError(f"num_prune must be >= 0, got {num_prune}.")
-  pruned, added = reallocation_plan(flat, slots.flatten(scores), num_prune, slots.capacity)
-  new_flat = jnp.where(pruned, 0, jnp.where(added, 1, flat)).astype(flat.dtype)
+  pruned, added = reallocation_plan(flat, slots.flatten(scores), num_prune, slots.capacity,
+                                    keep_budget=keep_budget)
+  # exact 0/1 (a leaf decayed by the inner optimizer, e.g. 0.95, is snapped back to 1)
+  new_flat = jnp.where(added | ((flat != 0) & ~pruned), 1, 0).astype(flat.dtype)
   pruned, added = slots.unflatten(pruned), slots.unflatten(added)
 
   leaves = _tree.leaves_by_key(params)

@@ -3,7 +3,8 @@
 :func:`alora` wraps the inner optimizer: ``K1`` warmup steps, then ``N_A`` rounds every ``K2``
 steps, each round scoring (``_alora_scoring.py``), pruning and reallocating
 (``_alora_reallocation.py``) inside ``lax.cond``, so one jitted step does everything.
-:func:`alora_round` is the same round for loops that run it between epochs. The module
+:func:`alora_round` is the same round for loops that run it between epochs, and
+:func:`alora_freeze_masks` keeps such a loop's own optimizer off the mask leaves. The module
 docstring of ``jaxrank/_alora.py`` has the method and an end-to-end example.
 
 Example:
@@ -43,10 +44,12 @@ def alora_round(
     optimizer: Optional[optax.GradientTransformation] = None,
     opt_state=None,
     chunk_size: int = 32,
+    keep_budget: bool = True,
 ):
   """Scores, prunes, reallocates and (given ``optimizer, opt_state``) resets new slots' state.
 
-  For loops that run the ALoRA rounds between epochs.
+  For loops that run the ALoRA rounds between epochs (wrap their optimizer in
+  :func:`alora_freeze_masks`). ``keep_budget``: see :func:`jaxrank.reallocation_plan`.
 
   Returns:
     ``(params, opt_state, scores, Reallocation)``.
@@ -54,11 +57,39 @@ def alora_round(
   scores = _alora_scoring.ablation_scores(
       loss_fn, model_or_adapter, params, batch, chunk_size=chunk_size)
   new_params, info = _alora_reallocation.prune_and_reallocate(
-      model_or_adapter, params, scores, num_prune=num_prune, rng=rng)
+      model_or_adapter, params, scores, num_prune=num_prune, rng=rng, keep_budget=keep_budget)
   if optimizer is not None and opt_state is not None:
     opt_state = _alora_reallocation.alora_reset_optimizer_state(
         model_or_adapter, opt_state, optimizer.init(new_params), new_params, info.added)
   return new_params, opt_state, scores, info
+
+
+def alora_freeze_masks(
+    inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """``inner`` with zero updates on every ALoRA mask leaf (``gates/.../mask``).
+
+  For loops that call :func:`alora_round` between epochs with their own optimizer: the mask
+  then changes only in rounds, bit for bit (the :func:`alora` transform does this itself).
+  Without it, decoupled weight decay shrinks the leaf; the gate (``1[mask ≠ 0]``) and the
+  rank pattern do not change, but the stored values do.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jaxrank
+    >>> params = {"gates": {"l": {"mask": jnp.ones(2)}}, "lora": {"l": {"A": jnp.ones(2)}}}
+    >>> tx = jaxrank.alora_freeze_masks(optax.adamw(0.1, weight_decay=0.5))
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["gates"]["l"]["mask"].tolist(), bool(updates["lora"]["l"]["A"][0] != 0)
+    ([0.0, 0.0], True)
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    updates, state = inner.update(updates, state, params, **extra_args)
+    return jax.tree_util.tree_map_with_path(
+        lambda k, u: jnp.zeros_like(u) if _tree.is_named_leaf(k, _alora.MASK, _tree.GATES)
+        else u, updates), state
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 
@@ -109,6 +140,7 @@ def alora(
     chunk_size: int = 32,
     seed: int = 0,
     axis_name: Optional[str] = None,
+    keep_budget: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """ALoRA's schedule (Algorithm 1) around an inner optimizer, in optimizer steps.
 
@@ -142,6 +174,10 @@ def alora(
     axis_name: under ``pmap``/``shard_map``, the mapped axis over which the scores are
       averaged (``lax.pmean``) before ranking, so every device prunes and adds the same ranks
       even when each holds a different validation shard.
+    keep_budget: True (default, jaxrank's): every round re-adds exactly the ranks it pruned,
+      so the total live rank stays ``num_modules × initial_rank``
+      (:func:`jaxrank.reallocation_plan`); False: the paper's rule, under which the total
+      shrinks when no receiver has room.
 
   Returns:
     A ``GradientTransformationExtraArgs``; ``update(updates, state, params, *,
@@ -153,7 +189,7 @@ def alora(
     raise ValueError(f"ranks_per_round (n_A) must be a positive int, got {ranks_per_round!r}.")
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-  inner = optax.with_extra_args_support(inner)
+  inner = alora_freeze_masks(inner)  # gate leaves get zero updates; only rounds write them
   default_batch = validation_batch
 
   def resolve(slots: _alora.Slots) -> int:
@@ -201,8 +237,6 @@ def alora(
     gate_keys = {slots.key(l, "gates", _alora.MASK) for l in slots.layers}
 
     inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    inner_updates = jax.tree_util.tree_map_with_path(
-        lambda k, u: jnp.zeros_like(u) if _tree.keypath_names(k) in gate_keys else u, inner_updates)
     count = state.count + 1
     since = count - warmup_steps
     is_round = ((since >= 0) & (since % recovery_steps == 0)
@@ -217,7 +251,7 @@ def alora(
         flat_scores = jax.lax.pmean(flat_scores, axis_name)
       scores = slots.unflatten(flat_scores)
       rounded, info = _alora_reallocation.prune_and_reallocate(
-          adapter, stepped, scores, num_prune=n_a, rng=key)
+          adapter, stepped, scores, num_prune=n_a, rng=key, keep_budget=keep_budget)
       inner_state = _alora_reallocation.alora_reset_optimizer_state(
           adapter, inner_state, inner.init(rounded), rounded, info.added)
       added = slots.slot_masks_for_leaves(info.added)

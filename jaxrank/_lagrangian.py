@@ -7,6 +7,17 @@ like any other leaf; :func:`lagrangian_ascent` wraps the inner optimizer, takes 
 projected ascent step ``λ ← max(0, λ + η_λ ∂L/∂λ)`` and trains ``log θ`` and λ only inside
 the window ``[t_start, t_end)`` of optimizer steps. Leaves are found by name (:mod:`jaxrank._tree`).
 
+jaxrank's engineering beyond eq. 12 (each off by default in this transform; the SaLoRA recipe
+turns them on):
+
+* ``log θ`` has its own optimizer state that advances only inside the window, so a late
+  window starts with a first (bias-corrected) Adam step;
+* the loss-scale normalisation: a ``gates/loss_scale`` leaf (:func:`salora_add_loss_scale`)
+  holds the EMA ``L̄`` of the task loss passed as ``value=``; :func:`jaxrank.salora_penalty`
+  then multiplies its terms by ``L̄`` so β and λ weigh the *relative* task loss;
+* ``budget=b``: on the last window step the ``b`` ranks most likely open are hardened open and
+  the rest closed inside the step, so the recovery steps train exactly ``b`` ranks.
+
 Example:
   >>> import jax.numpy as jnp, optax, jaxrank
   >>> params = jaxrank.add_lagrange_multiplier({"gates": {"log_theta": jnp.zeros(2)}})
@@ -33,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrank import _sora_budget
 from jaxrank import _tree
 
 Array = jax.Array
@@ -41,6 +53,9 @@ ScalarOrSchedule = Union[float, jax.typing.ArrayLike, Callable[[jax.typing.Array
 # the hard-concrete gate parameter of :class:`jaxrank.SaLoRA`, trained only inside the window
 LOG_THETA = "log_theta"
 LAGRANGE_MULTIPLIER = "lagrange_multiplier"
+LOSS_SCALE = "loss_scale"
+# |log θ| of a hardened gate (as jaxrank.salora_harden): sigmoid(±50) closes/opens it exactly
+HARD_LOG_THETA = 50.0
 
 
 # --- the Lagrange multiplier ---------------------------------------------------------------
@@ -62,6 +77,26 @@ def add_lagrange_multiplier(variables, value: float = 0.0) -> dict:
   return {**variables, "gates": gates}
 
 
+def salora_add_loss_scale(variables, value: float = 1.0) -> dict:
+  """Returns ``variables`` with a scalar ``gates/loss_scale`` (``L̄``, the task-loss EMA).
+
+  jaxrank's normalisation, not the paper's: with it, :func:`jaxrank.salora_penalty` returns
+  ``L̄ · (β Σ R_orth + λ (C(Θ) − b)²)`` (no gradient through ``L̄``) and
+  :func:`lagrangian_ascent` keeps ``L̄`` equal to the debiased EMA of the task loss it is given
+  as ``value``: multiplying the loss by a constant then changes neither the gates' nor λ's
+  trajectory (with a scale-free inner optimizer such as Adam). Without the leaf the penalty
+  is eq. 12 as written.
+
+  >>> import jax.numpy as jnp, jaxrank
+  >>> float(jaxrank.salora_add_loss_scale({"gates": {}})["gates"]["loss_scale"])
+  1.0
+  """
+  variables = _tree.plain(variables)
+  gates = _tree.plain(variables["gates"])
+  gates[LOSS_SCALE] = jnp.asarray(value, jnp.float32)
+  return {**variables, "gates": gates}
+
+
 def lagrange_multiplier(variables) -> Array:
   """The current λ (``gates/lagrange_multiplier``)."""
   try:
@@ -75,10 +110,20 @@ def lagrange_multiplier(variables) -> Array:
 
 # --- the optimizer --------------------------------------------------------------------------
 class LagrangianAscentState(NamedTuple):
-  """State of :func:`lagrangian_ascent`: the optimizer step count and the inner state."""
+  """State of :func:`lagrangian_ascent`.
+
+  Attributes:
+    count: optimizer steps taken.
+    inner_state: the inner optimizer's state (every leaf but ``log θ``, λ and ``loss_scale``).
+    gate_state: the gate optimizer's state (``log θ`` only); it advances only on steps inside
+      ``[t_start, t_end)``, so the first step of a late window is a first step.
+    loss_ema: EMA of the task loss ``value`` (0 without ``value``).
+  """
 
   count: chex.Array
   inner_state: optax.OptState
+  gate_state: optax.OptState = ()
+  loss_ema: chex.Array = 0.0
 
 
 def _leaf_name(keypath) -> Optional[str]:
@@ -90,6 +135,24 @@ def _is_concrete_number(x) -> bool:
   return not isinstance(x, jax.core.Tracer) and not callable(x) and np.ndim(x) == 0
 
 
+def _names(tree):
+  return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p), tree)
+
+
+def _harden_top(params, budget):
+  """``log θ`` of every gate set to ``±HARD_LOG_THETA``: the ``budget`` largest ``log θ`` over
+  all layers open (P(g > 0) of eq. 8 is monotone in ``log θ``), the rest closed; exact."""
+  thetas = _tree.named_leaves(params, LOG_THETA)
+  keep = iter(_sora_budget.exact_top_masks([t.astype(jnp.float32) for t in thetas], budget))
+
+  def leaf(path, x):
+    if not _tree.is_named_leaf(path, LOG_THETA):
+      return x
+    return jnp.where(next(keep), HARD_LOG_THETA, -HARD_LOG_THETA).astype(x.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
 def lagrangian_ascent(
     learning_rate: ScalarOrSchedule,
     inner: optax.GradientTransformation,
@@ -97,15 +160,28 @@ def lagrangian_ascent(
     t_start: jax.typing.ArrayLike,
     t_end: jax.typing.ArrayLike,
     total_steps: Optional[int] = None,
+    gate_optimizer: Optional[optax.GradientTransformation] = None,
+    budget: Optional[jax.typing.ArrayLike] = None,
+    loss_decay: float = 0.98,
 ) -> optax.GradientTransformationExtraArgs:
   """SaLoRA's min-max optimizer (eq. 12): descent on everything, projected ascent on λ.
 
   * ``λ`` (every leaf named ``lagrange_multiplier``) takes a projected gradient *ascent* step
-    ``λ ← max(0, λ + η_λ ∂L/∂λ)``; the inner optimizer never sees its gradient.
+    ``λ ← max(0, λ + η_λ ∂L/∂λ / L̄)``; the inner optimizers never see its gradient. ``L̄`` is
+    the ``loss_scale`` leaf when the tree holds one (:func:`salora_add_loss_scale`), else 1
+    (the paper's ``λ ← max(0, λ + η_λ (C(Θ) − b)²)``); with the normalised penalty
+    ``∂L/∂λ = L̄ (C − b)²``, so either way λ grows by ``η_λ (C − b)²``.
+  * ``log θ`` (leaves named ``log_theta``) is updated by ``gate_optimizer`` (default: a second
+    copy of ``inner``) whose state advances only on steps ``t_start <= step < t_end``.
   * Every other leaf is updated by ``inner`` (e.g. ``optax.adam``).
-  * ``log θ`` (leaves named ``log_theta``) and ``λ`` move only on optimizer steps
-    ``t_start <= step < t_end`` (steps count from 0); outside that window their gradients
-    are zeroed before ``inner`` and their updates are exactly zero.
+  * ``log θ`` and ``λ`` move only on optimizer steps ``t_start <= step < t_end`` (steps count
+    from 0); outside that window their updates are exactly zero.
+  * ``budget`` (total ranks): on step ``t_end − 1`` the ``budget`` ranks of largest ``log θ``
+    over all layers get ``log θ = +50``, every other ``−50``, inside the step, so later steps
+    (recovery, gates frozen) train exactly ``budget`` ranks. ``None``: no hardening in the
+    step (:func:`jaxrank.salora_harden` after training).
+  * ``loss_scale`` leaves (if any) are set to the debiased EMA of the task loss ``value``
+    (``loss_decay``); ``update`` then needs ``value=`` (``jaxrank.train`` passes it).
 
   Place it where the gates and λ are optimised: on the trainable dict, on full variables
   (combine with ``optax.partition`` to freeze ``params``), or inside ``optax.partition`` for
@@ -119,10 +195,13 @@ def lagrangian_ascent(
 
   Args:
     learning_rate: η_λ, the ascent step size on λ (a float or a schedule of the step).
-    inner: the optimizer for everything else.
+    inner: the optimizer for everything but ``log θ``, λ and ``loss_scale``.
     t_start: first optimizer step on which ``log θ`` and λ are updated.
     t_end: the first step after the window (``t_start <= t_end``).
     total_steps: the training length, if known; the window must fit in it.
+    gate_optimizer: the optimizer of ``log θ`` (default ``inner``).
+    budget: total ranks kept by the in-step hardening at ``t_end − 1``, or ``None``.
+    loss_decay: EMA decay of the ``loss_scale`` leaves.
   """
   concrete = [_is_concrete_number(t) for t in (t_start, t_end)]
   if concrete[0] and int(t_start) < 0:
@@ -144,10 +223,16 @@ def lagrangian_ascent(
     raise ValueError(
         f"learning_rate must be >= 0 (the ascent direction is built in), got {learning_rate!r}."
     )
-  inner = optax.with_extra_args_support(inner)
+  gate_optimizer = inner if gate_optimizer is None else gate_optimizer
+  special = (LAGRANGE_MULTIPLIER, LOG_THETA, LOSS_SCALE)
+  inner = optax.with_extra_args_support(optax.masked(
+      inner, lambda tree: jax.tree.map(lambda n: n not in special, _names(tree))))
+  gate_tx = optax.with_extra_args_support(optax.masked(
+      gate_optimizer, lambda tree: jax.tree.map(lambda n: n == LOG_THETA, _names(tree))))
 
   def init_fn(params):
-    return LagrangianAscentState(jnp.zeros([], jnp.int32), inner.init(params))
+    return LagrangianAscentState(jnp.zeros([], jnp.int32), inner.init(params),
+                                 gate_tx.init(params), jnp.zeros([], jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -158,30 +243,45 @@ def lagrangian_ascent(
     count = state.count
     active = jnp.logical_and(count >= t_start, count < t_end)
     eta = learning_rate(count) if callable(learning_rate) else learning_rate
+    value = extra_args.get("value")
+    scale_leaves = _tree.named_leaves(params, LOSS_SCALE)
+    if scale_leaves and value is None:
+      raise ValueError(
+          "These variables hold gates/loss_scale (the loss-relative normalisation): pass the "
+          "task loss, tx.update(grads, state, params, value=loss) (jaxrank.train does).")
+    loss_ema = state.loss_ema
+    if value is not None:
+      loss_ema = loss_decay * loss_ema + (1 - loss_decay) * jnp.asarray(value, jnp.float32)
+    loss_bar = loss_ema / (1.0 - loss_decay ** (count + 1).astype(jnp.float32))
+    scale_now = scale_leaves[0] if scale_leaves else jnp.ones([], jnp.float32)
 
-    def inner_grad(path, g):
+    inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+    gate_updates, new_gate_state = gate_tx.update(updates, state.gate_state, params,
+                                                  **extra_args)
+    # jaxrank: the gate optimizer counts only window steps (a late window starts afresh)
+    gate_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_gate_state,
+                              state.gate_state)
+
+    def final(path, u, gu, g, p):
       name = _leaf_name(path)
       if name == LAGRANGE_MULTIPLIER:
-        return jnp.zeros_like(g)
-      if name == LOG_THETA:
-        return jnp.where(active, g, jnp.zeros_like(g))
-      return g
-
-    inner_updates, inner_state = inner.update(
-        jax.tree_util.tree_map_with_path(inner_grad, updates), state.inner_state, params,
-        **extra_args,
-    )
-
-    def final(path, u, g, p):
-      name = _leaf_name(path)
-      if name == LAGRANGE_MULTIPLIER:
-        ascended = jnp.maximum(p + eta * g, 0.0)  # projected ascent onto λ >= 0
+        step = g / jnp.maximum(scale_now, 1e-30)  # ∂L/∂λ / L̄ = (C(Θ) − b)²
+        ascended = jnp.maximum(p + eta * step, 0.0)  # projected ascent onto λ >= 0 (eq. 12)
         return jnp.where(active, ascended - p, jnp.zeros_like(p)).astype(u.dtype)
       if name == LOG_THETA:
-        return jnp.where(active, u, jnp.zeros_like(u))
+        return jnp.where(active, gu, jnp.zeros_like(gu))
+      if name == LOSS_SCALE:
+        return (loss_bar - p).astype(p.dtype)
       return u
 
-    new_updates = jax.tree_util.tree_map_with_path(final, inner_updates, updates, params)
-    return new_updates, LagrangianAscentState(optax.safe_increment(count), inner_state)
+    new_updates = jax.tree_util.tree_map_with_path(final, inner_updates, gate_updates, updates,
+                                                   params)
+    if budget is not None:
+      stepped = optax.apply_updates(params, new_updates)
+      hardened = jax.lax.cond(count == t_end - 1, lambda q: _harden_top(q, budget),
+                              lambda q: q, stepped)
+      new_updates = jax.tree.map(lambda h, p: (h - p).astype(p.dtype), hardened, params)
+    return new_updates, LagrangianAscentState(optax.safe_increment(count), inner_state,
+                                              gate_state, loss_ema)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -24,19 +24,30 @@ def run_one(setup, method, *, steps: int, batch_size: int, learning_rate: float,
             output_dir: Optional[Path], progress: bool = True, checkpoint: bool = True,
             eval_at_start: bool = False, mesh=None):
   """Trains ``method`` (a :class:`jaxrank.Recipe`) on ``setup``; writes ``metrics.json``, the
-  rank heatmap, the checkpoint and the adapter under ``output_dir``."""
+  rank heatmap, the checkpoint and the adapter under ``output_dir``.
+
+  A non-finite loss (:class:`jaxrank.NonFiniteError`) is re-raised after the last finite
+  state was saved as the checkpoint (with ``checkpoint`` on); no adapter is written then.
+  """
   from jaxrank import train
 
   def on_eval(step, record, state):
     if checkpoint and output_dir is not None:
       train.save_checkpoint(output_dir / "checkpoint", state)
 
-  result = train.fit(
-      setup.base, setup.variables, method, setup.task, train_data=setup.train_data,
-      eval_data=setup.eval_data, test_data=setup.test_data, steps=steps,
-      batch_size=batch_size, eval_every=eval_every, learning_rate=learning_rate,
-      head_learning_rate=head_learning_rate, head=setup.head, targets=setup.targets,
-      seed=seed, progress=progress, on_eval=on_eval, eval_at_start=eval_at_start, mesh=mesh)
+  try:
+    result = train.fit(
+        setup.base, setup.variables, method, setup.task, train_data=setup.train_data,
+        eval_data=setup.eval_data, test_data=setup.test_data, steps=steps,
+        batch_size=batch_size, eval_every=eval_every, learning_rate=learning_rate,
+        head_learning_rate=head_learning_rate, head=setup.head, targets=setup.targets,
+        seed=seed, progress=progress, on_eval=on_eval, eval_at_start=eval_at_start, mesh=mesh)
+  except train.NonFiniteError as error:
+    if checkpoint and output_dir is not None and int(error.state.step) > 0:
+      path = train.save_checkpoint(output_dir / "checkpoint", error.state)
+      error.args = (f"{error.args[0]} The last finite state (step {int(error.state.step)}) "
+                    f"is saved in the checkpoint {path}.",)
+    raise
   if output_dir is not None:
     _write_results(result, output_dir, checkpoint)
   return result

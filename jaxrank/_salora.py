@@ -81,15 +81,16 @@ import numpy as np
 from jaxrank import _adapter
 from jaxrank import _regularizers
 from jaxrank import _tree
+from jaxrank._lagrangian import HARD_LOG_THETA
 from jaxrank._lagrangian import LAGRANGE_MULTIPLIER
+from jaxrank._lagrangian import LOSS_SCALE
 from jaxrank._lagrangian import LOG_THETA
 
 Array = jax.Array
 
 HARD_CONCRETE_RNG = "hard_concrete"
-# |log θ| written by `harden`: sigmoid(±50) is exactly 1 / below γ's reach in float32, so the
-# deterministic gate and P(g > 0) are exactly 0 or 1.
-HARD_LOG_THETA = 50.0
+# HARD_LOG_THETA (50), the |log θ| written by `harden` and the in-step hardening: sigmoid(±50)
+# is exactly 1 / below γ's reach in float32, so the deterministic gate and P(g > 0) are 0 or 1.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +284,8 @@ def salora_penalty(
   ``R_orth`` is eq. 9 (:func:`jaxrank.orthogonality_penalty`), ``C(Θ)`` is eq. 11
   (:func:`salora_expected_density`), ``λ`` is read from ``gates/lagrange_multiplier`` (see
   :func:`add_lagrange_multiplier`; without it the Lagrangian term is left out) and the sum is
-  eq. 12 minus the task loss.
+  eq. 12 minus the task loss. With a ``gates/loss_scale`` leaf (:func:`salora_add_loss_scale`,
+  jaxrank's normalisation) the sum is multiplied by that task-loss EMA ``L̄`` (no gradient).
 
   Args:
     model: the wrapped model.
@@ -305,6 +307,10 @@ def salora_penalty(
   if LAGRANGE_MULTIPLIER in gates:
     c = salora_expected_density(spec, variables, form=form)
     total = total + salora_lagrangian_term(c, gates[LAGRANGE_MULTIPLIER], target_density)  # eq. 12
+  if LOSS_SCALE in gates:
+    # jaxrank's loss-relative form: L_task + L̄ (β R + λ (C − b)²), L̄ = EMA of L_task (no
+    # gradient), so β and λ weigh the penalties against the relative task loss L_task / L̄
+    total = total * jax.lax.stop_gradient(gates[LOSS_SCALE])
   return total
 
 

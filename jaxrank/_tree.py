@@ -297,3 +297,81 @@ def keep_top_ranks(model, variables: Variables, budget_rank: int, gate_name: str
   budget = int(budget_rank) * num_matrices(model, variables)
   return keep_top_ranks_total(model, variables, budget, gate_name, score=score, dropped=dropped)
 
+
+
+# --- NNX state paths ----------------------------------------------------------------------------
+# An NNX model keeps an adapted layer's factors and gates in sub-attributes named after the
+# collections (``hidden/lora/A``, ``hidden/gates/g``, see ``jaxrank.nnx``), whereas the Linen
+# variables put the collection first (``lora/hidden/A``). The functions below move between the
+# two spellings of a key, and between a whole NNX state and the Linen-style variables dict.
+ADAPTER_COLLECTIONS = (LORA, GATES)
+
+
+def linen_key(names: Key, default_collection: str = "params") -> Key:
+  """The Linen key of an NNX state key: ``(*path, 'lora', 'A')`` → ``('lora', *path, 'A')``.
+
+  A key whose next-to-last name is not an adapter collection goes to ``default_collection``.
+
+  >>> linen_key(("hidden", "lora", "A")), linen_key(("hidden", "kernel"))
+  (('lora', 'hidden', 'A'), ('params', 'hidden', 'kernel'))
+  >>> linen_key(("gates", "lagrange_multiplier"))
+  ('gates', 'lagrange_multiplier')
+  """
+  names = tuple(str(n) for n in names)
+  if len(names) >= 2 and names[-2] in ADAPTER_COLLECTIONS:
+    return (names[-2], *names[:-2], names[-1])
+  return (default_collection, *names)
+
+
+def nnx_key(key: Key) -> Key:
+  """The inverse of :func:`linen_key` (``('params', *path)`` → ``path``)."""
+  collection, *rest = key
+  if collection in ADAPTER_COLLECTIONS:
+    return (*rest[:-1], collection, rest[-1])
+  return tuple(rest)
+
+
+def _nested(flat: Mapping[Key, Any]) -> dict:
+  out: dict = {}
+  for key, leaf in flat.items():
+    node = out
+    for name in key[:-1]:
+      node = node.setdefault(name, {})
+    node[key[-1]] = leaf
+  return out
+
+
+def to_linen_view(state, default_collection: str = "params") -> dict:
+  """An NNX state (``nnx.State``, its pure form, or nested dicts) as Linen-style variables.
+
+  ``{'params': ..., 'lora': {path: {A, B}}, 'gates': {path: {...}}}``; collections with no
+  leaf are left out. Pure tree surgery: works under ``jit`` and on ``jax.eval_shape`` output.
+
+  >>> import jax.numpy as jnp
+  >>> state = {"hidden": {"kernel": jnp.ones(2), "lora": {"A": jnp.ones(1)}}}
+  >>> view = to_linen_view(state)
+  >>> sorted(view), list(view["lora"]["hidden"])
+  (['lora', 'params'], ['A'])
+  """
+  return _nested({linen_key(names, default_collection): leaf
+                  for names, leaf in leaves_by_key(state).items()})
+
+
+def from_linen_view(view, like):
+  """``like`` (an NNX state tree) with each leaf taken from the Linen-style ``view``.
+
+  Leaves of ``like`` absent from ``view`` are kept; the structure (and Variable types) of
+  ``like`` is kept, so the result can go to ``nnx.update`` or ``nnx.merge``.
+
+  >>> import jax.numpy as jnp
+  >>> like = {"hidden": {"lora": {"A": jnp.ones(1)}}}
+  >>> from_linen_view({"lora": {"hidden": {"A": jnp.zeros(1)}}}, like)["hidden"]["lora"]["A"]
+  Array([0.], dtype=float32)
+  """
+  leaves = leaves_by_key(view)
+
+  def pick(keypath, leaf):
+    new = leaves.get(linen_key(keypath_names(keypath)))
+    return leaf if new is None else new
+
+  return jax.tree_util.tree_map_with_path(pick, like)

@@ -26,7 +26,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import warnings
 from typing import Optional, Sequence, Union
 
 import flax.errors
@@ -96,6 +98,9 @@ class _Trace:
   def __init__(self):
     self.linear_paths: list[str] = []
     self.matched: set[str] = set()
+    # at apply: each adapted layer's (rank, down shape, expected down shape) in the variables
+    self.ranks: dict[str, tuple] = {}
+    self.too_big: list[str] = []  # at init: layers smaller than the adapter's rank
 
 
 def _rng_for(module: nn.Module):
@@ -122,12 +127,95 @@ def _variable(module: nn.Module, collection: str, name: str, init_fn):
     ) from e
 
 
-def adapter_branch(module: nn.Module, adapter: _adapter.LoRA, layout: _layers.Layout, x):
-  """``scale * ((dropout(x) @ down) * gate) @ up`` for one bound linear ``module``."""
+class RankExceedsLayerWarning(UserWarning):
+  """An adapter's rank is larger than ``min(fan_in, fan_out)`` of a layer it adapts."""
+
+
+def _rank_too_big(module: nn.Module, adapter: _adapter.LoRA,
+                  layout: _layers.Layout) -> Optional[str]:
+  """The error message when ``adapter.rank`` exceeds the layer's ``min(fan_in, fan_out)``."""
+  fan_in, fan_out = math.prod(layout.in_shape), math.prod(layout.out_shape)
+  if adapter.rank <= min(fan_in, fan_out):
+    return None
+  return (f"jaxrank.wrap: rank {adapter.rank} is larger than layer {'/'.join(module.path)!r} "
+          f"allows: its kernel is {fan_in} x {fan_out}, so its rank is at most "
+          f"{min(fan_in, fan_out)}: ranks above it only add parameters (the rank pattern still "
+          f"counts them). Use a rank <= {min(fan_in, fan_out)}, or leave the layer out of "
+          f"`targets`.")
+
+
+def _mismatch(module, collection, name, expected, found, adapter, cause):
+  path = "/".join(module.path)
+  return ValueError(
+      f"jaxrank: {collection}/{path}/{name} expects shape {tuple(expected)} (adapter "
+      f"{type(adapter).__name__}(rank={adapter.rank}) on layer {path!r}) but has "
+      f"{tuple(found)}. {cause}")
+
+
+def _check_factor_shapes(module, adapter: _adapter.LoRA, layout: _layers.Layout, down, up):
+  """The ``lora`` factors passed to ``apply`` must fit the spec and the layer.
+
+  Their rank axis may be smaller than ``adapter.rank`` (a compacted or PEFT-loaded plain
+  LoRA keeps each layer's own rank; the spec's rank is the largest), but never larger, and
+  down's and up's must agree; :func:`_check_ranks` checks the largest equals the spec's.
+  """
+  in_shape, out_shape = tuple(layout.in_shape), tuple(layout.out_shape)
+  found_rank = down.shape[-1] if down.ndim else None
+  rank = found_rank if found_rank is not None and found_rank <= adapter.rank else adapter.rank
+  rank_hint = (f"The variables look like they were made by an adapter of rank {found_rank}: "
+               f"wrap the model with the adapter spec that made them (e.g. "
+               f"{type(adapter).__name__}(rank={found_rank}, ...)).")
+  if tuple(down.shape) != (*in_shape, rank):
+    cause = (rank_hint if tuple(down.shape[:-1]) == in_shape else
+             "The layer's input size differs from the one the variables were made for: "
+             "another base model (or config) than at init?")
+    raise _mismatch(module, "lora", adapter.down_name, (*in_shape, adapter.rank), down.shape,
+                    adapter, cause)
+  if tuple(up.shape) != (rank, *out_shape):
+    cause = (f"{adapter.down_name} has rank {rank} but {adapter.up_name} has rank "
+             f"{up.shape[0] if up.ndim else None}: the factors come from different adapters."
+             if tuple(up.shape[1:]) == out_shape else
+             "The layer's output size differs from the one the variables were made for: "
+             "another base model (or config) than at init?")
+    raise _mismatch(module, "lora", adapter.up_name, (rank, *out_shape), up.shape, adapter,
+                    cause)
+  return found_rank
+
+
+def _check_gate_shapes(module, adapter: _adapter.LoRA, gates):
+  import jax
+  expected = jax.eval_shape(adapter.init_gates, jax.random.key(0))
+  for name, value in gates.items():
+    want = getattr(expected.get(name), "shape", None)
+    if want is not None and tuple(value.shape) != tuple(want):
+      raise _mismatch(module, "gates", name, want, value.shape, adapter,
+                      f"The gate variables were made by another adapter spec (rank "
+                      f"{value.shape[-1] if value.ndim else None}?): wrap the model with the "
+                      f"spec that made them.")
+
+
+def adapter_branch(module: nn.Module, adapter: _adapter.LoRA, layout: _layers.Layout, x,
+                   trace: Optional["_Trace"] = None):
+  """``scale * ((dropout(x) @ down) * gate) @ up`` for one bound linear ``module``.
+
+  At ``apply`` the factors' and gates' shapes are checked against ``adapter`` and the layer
+  (a clear error instead of wrong outputs); ``trace`` collects each layer's rank.
+  """
   in_shape, out_shape = layout.in_shape, layout.out_shape
   rng = lambda: module.make_rng("params")
+  if module.is_initializing():
+    too_big = _rank_too_big(module, adapter, layout)
+    if too_big and trace is None:
+      warnings.warn(too_big, RankExceedsLayerWarning, stacklevel=2)
+    if too_big:
+      trace.too_big.append(too_big)  # warned after the target check (Adapted.__call__)
   down = _variable(module, "lora", adapter.down_name, lambda: adapter.init_down(rng(), in_shape))
   up = _variable(module, "lora", adapter.up_name, lambda: adapter.init_up(rng(), out_shape))
+  if not module.is_initializing():
+    found = _check_factor_shapes(module, adapter, layout, down, up)
+    if trace is not None:
+      trace.ranks["/".join(module.path)] = (found, tuple(down.shape),
+                                            (*layout.in_shape, adapter.rank))
   initial_gates = {}  # filled once, at init, by the first gate variable created
 
   def init_gate(name):
@@ -139,14 +227,9 @@ def adapter_branch(module: nn.Module, adapter: _adapter.LoRA, layout: _layers.La
       name: _variable(module, "gates", name, lambda name=name: init_gate(name))
       for name in adapter.gate_names
   }
-  rng_for = _rng_for(module)
-  dtype = adapter.compute_dtype(x)
-  x = adapter.dropout_input(x.astype(dtype), rng_for)
-  hidden = layout.project_down(x, down.astype(dtype))
-  gate = adapter.gate(gates, rng_for)
-  if gate is not None:
-    hidden = hidden * gate.astype(dtype)
-  return layout.project_up(hidden, up.astype(dtype)) * adapter.scale
+  if gates and not module.is_initializing():
+    _check_gate_shapes(module, adapter, gates)
+  return adapter.branch(x, layout, down, up, gates, _rng_for(module))
 
 
 def _make_interceptor(adapter: _adapter.LoRA, matcher: TargetMatcher, trace: _Trace):
@@ -163,7 +246,7 @@ def _make_interceptor(adapter: _adapter.LoRA, matcher: TargetMatcher, trace: _Tr
     layout = _layers.layout_for(module, args, kwargs)
     x = args[0] if args else kwargs["inputs"]
     y = next_fun(*args, **kwargs)
-    return y + adapter_branch(module, adapter, layout, x).astype(y.dtype)
+    return y + adapter_branch(module, adapter, layout, x, trace).astype(y.dtype)
 
   return interceptor
 
@@ -192,7 +275,28 @@ class Adapted(nn.Module):
       out = self.wrapped_model(*args, **kwargs)
     if self.is_initializing():
       _check_matches(self.matcher, trace)
+      for message in dict.fromkeys(trace.too_big):
+        warnings.warn(message, RankExceedsLayerWarning, stacklevel=3)
+    else:
+      _check_ranks(self.adapter, trace)
     return out
+
+
+def _check_ranks(adapter: _adapter.LoRA, trace: _Trace):
+  """The largest rank in the variables must be the spec's (compacted layers may be smaller)."""
+  if not trace.ranks:
+    return
+  largest = max(rank for rank, _, _ in trace.ranks.values())
+  if 0 < largest < adapter.rank:
+    path, (_, found, expected) = next((p, v) for p, v in trace.ranks.items() if v[0] == largest)
+    raise ValueError(
+        f"jaxrank: lora/{path}/{adapter.down_name} expects shape {expected} but has {found}: "
+        f"the adapter variables have rank {largest} at most, but this model's adapter is "
+        f"{type(adapter).__name__}(rank={adapter.rank}): its scale alpha/rank and its gates "
+        f"would be wrong. The variables look like they were made by an adapter of rank "
+        f"{largest}: wrap the model with that spec (e.g. "
+        f"{type(adapter).__name__}(rank={largest}, ...)), or use the model jaxrank.compact "
+        f"returned with its variables.")
 
 
 def _check_matches(matcher: TargetMatcher, trace: _Trace):

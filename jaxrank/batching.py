@@ -25,7 +25,12 @@ Batch = Mapping[str, np.ndarray]
 
 def batches(data: Mapping[str, np.ndarray], batch_size: int, *, seed: int = 0,
             shuffle: bool = True) -> Iterator[dict]:
-  """Endless shuffled batches of exactly ``batch_size`` rows (a new order every epoch)."""
+  """Endless shuffled batches of exactly ``batch_size`` rows (a new order every epoch).
+
+  Each epoch's last partial batch (``len(data) % batch_size`` rows) is dropped, so every
+  step sees a full batch; with shuffling a different set of rows is dropped every epoch. For
+  evaluation over every row use :func:`eval_batches`.
+  """
   n = len(next(iter(data.values())))
   if n < batch_size:
     raise ValueError(f"{n} training examples are fewer than batch_size={batch_size}.")

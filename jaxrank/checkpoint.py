@@ -7,6 +7,12 @@ state (with every method's NamedTuple state inside), the step and the rng key. T
 Each save goes to a temporary folder that orbax renames into place only when complete, so a
 save interrupted midway leaves the previous checkpoint intact and loadable.
 
+Integrity: after orbax finished a save, process 0 writes ``jaxrank_checksums.json`` into the
+step's folder (the sha256 and size of every file there); :func:`restore` checks it first and
+raises :class:`CorruptCheckpointError` naming the damaged file, the step and the steps that
+remain, instead of loading flipped bytes silently or failing deep inside orbax. Checkpoints
+without the manifest (written by older jaxrank) restore unchecked.
+
 Restoring onto another mesh or sharding: pass a ``target`` whose leaves carry the wanted
 sharding (concrete arrays placed where you want them, or ``jax.ShapeDtypeStruct`` with a
 ``sharding``); without one, arrays are restored as they were saved.
@@ -23,12 +29,21 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+MANIFEST = "jaxrank_checksums.json"
+
+
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint file does not match the checksum written at save (damaged or truncated)."""
 
 
 def _is_prng_key(x) -> bool:
@@ -63,6 +78,75 @@ def save(directory, step: int, state: Any, *, max_to_keep: Optional[int] = 3) ->
   with _manager(directory, max_to_keep) as manager:
     manager.save(int(step), args=ocp.args.StandardSave(_to_storable(state)))
     manager.wait_until_finished()
+    step_dir = _step_dir(manager, int(step))
+  if jax.process_index() == 0 and os.path.isdir(step_dir):
+    _write_manifest(step_dir, int(step))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"jaxrank_checksums_{int(step)}")
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(os.fspath(manager.directory), str(step))
+
+
+def _files(step_dir: str) -> list[str]:
+  """Every file of the step folder except the manifest, as sorted relative paths."""
+  found = []
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), step_dir)
+      if rel != MANIFEST:
+        found.append(rel)
+  return sorted(found)
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _write_manifest(step_dir: str, step: int) -> None:
+  files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
+                 "sha256": _sha256(os.path.join(step_dir, rel))} for rel in _files(step_dir)}
+  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"step": step, "files": files}, f, indent=1)
+  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def _verify(directory, step_dir: str, step: int, steps) -> None:
+  """Raises :class:`CorruptCheckpointError` when a file differs from the manifest."""
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(path):
+    return  # written before jaxrank kept checksums
+  try:
+    with open(path) as f:
+      files = json.load(f)["files"]
+  except (OSError, ValueError, KeyError) as error:
+    _corrupt(directory, step, steps, MANIFEST, f"its checksum manifest is unreadable ({error})")
+  for rel, entry in files.items():
+    full = os.path.join(step_dir, rel)
+    if not os.path.exists(full):
+      _corrupt(directory, step, steps, rel, "is missing")
+    size = os.path.getsize(full)
+    if size != entry["size"]:
+      _corrupt(directory, step, steps, rel,
+               f"is truncated or resized: {size} bytes, {entry['size']} at save")
+    if _sha256(full) != entry["sha256"]:
+      _corrupt(directory, step, steps, rel, "has other bytes than at save (sha256 mismatch)")
+
+
+def _corrupt(directory, step: int, steps, rel: str, problem: str):
+  earlier = [s for s in sorted(steps) if s != step]
+  hint = (f"Restore an earlier step instead, e.g. restore(directory, target, step={earlier[-1]})"
+          if earlier else "No other step is available: retrain, or restore a backup copy")
+  raise CorruptCheckpointError(
+      f"Checkpoint step {step} in {os.fspath(directory)!r} is damaged: file {rel!r} {problem}. "
+      f"{hint}. Available steps: {sorted(steps)}.")
 
 
 def latest_step(directory) -> Optional[int]:
@@ -84,6 +168,8 @@ def restore(directory, target: Any, *, step: Optional[int] = None) -> Any:
 
   Raises:
     FileNotFoundError: when ``directory`` holds no complete checkpoint (or not ``step``).
+    CorruptCheckpointError: when a file of the step differs from its checksum at save
+      (overwritten, truncated or missing); the message names the file and the other steps.
   """
   with _manager(directory, None) as manager:
     steps = manager.all_steps()
@@ -94,6 +180,7 @@ def restore(directory, target: Any, *, step: Optional[int] = None) -> Any:
           f"No complete checkpoint{'' if step is None else f' for step {step}'} in "
           f"{directory!r} (complete steps: {sorted(steps)})."
       )
+    _verify(directory, _step_dir(manager, step), step, steps)
     abstract = jax.tree.map(_abstract, target)
     restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   return jax.tree.map(

@@ -53,6 +53,24 @@ def _setup(model: str, task: str, **kwargs):
     raise typer.BadParameter(str(error)) from None
 
 
+def _check_numbers(output_dir: Path, **values: int):
+  """``typer.BadParameter`` for out-of-range numbers and an ``--output-dir`` that is a file,
+  before anything is loaded or trained. Keys ending in ``_min0`` may be 0."""
+  for key, value in values.items():
+    name, low = (key[:-5], 0) if key.endswith("_min0") else (key, 1)
+    option = "--" + name.replace("_", "-")
+    if value < low:
+      what = "a positive integer" if low else "an integer >= 0 (0: all / never)"
+      raise typer.BadParameter(f"{option} must be {what}, got {value}.")
+  if output_dir.exists() and not output_dir.is_dir():
+    raise typer.BadParameter(f"--output-dir {output_dir} is an existing file, not a folder: "
+                             "pass a folder (it is created if missing).")
+  blocking = next((p for p in output_dir.parents if p.exists() and not p.is_dir()), None)
+  if blocking is not None:
+    raise typer.BadParameter(f"--output-dir {output_dir}: its parent {blocking} is a file, "
+                             "not a folder.")
+
+
 # --- commands -----------------------------------------------------------------------------
 CPU_DEVICES_HELP = ("split the CPU into N XLA devices (0: one per core) and train data-parallel "
                     "over them: faster on multi-core CPUs (benchmarks/README.md); batch sizes "
@@ -116,18 +134,34 @@ def finetune(
     progress: bool = typer.Option(True, help="show a progress bar"),
     eval_at_start: bool = typer.Option(False, help="also evaluate the model before training"),
     cpu_devices: int = typer.Option(1, help=CPU_DEVICES_HELP),
+    flax: str = typer.Option("linen", help="linen (the Flax Linen model) or nnx (SmolLM2 as a "
+                                           "Flax NNX model, jaxrank.models.llama_nnx)"),
 ):
   """Fine-tune one method and report metrics, the learned rank pattern and a heatmap."""
+  if flax not in ("linen", "nnx"):
+    raise typer.BadParameter(f"--flax must be linen or nnx, got {flax!r}.")
+  if flax == "nnx" and model != "smollm2":
+    raise typer.BadParameter("--flax nnx runs --model smollm2 --task austen only.")
+  _check_numbers(output_dir, steps=steps, batch_size=batch_size, rank=rank,
+                 budget_rank=budget_rank, max_length=max_length, eval_every_min0=eval_every,
+                 train_examples_min0=train_examples, eval_examples_min0=eval_examples)
   mesh = _configure_jax(cpu_devices, batch_size)
   knobs = {"lam": sora_lambda} if method == "sora" else {}
   built = _recipe(method, rank=rank, budget_rank=budget_rank, alpha=alpha, total_steps=steps,
                   **knobs)
   setup = _setup(model, task, seed=seed, train_examples=train_examples,
                  max_length=max_length, eval_examples=eval_examples)
-  result = _report.run_one(setup, built, steps=steps, batch_size=batch_size,
-                           learning_rate=learning_rate, head_learning_rate=head_learning_rate,
-                           eval_every=eval_every, seed=seed, output_dir=output_dir,
-                           progress=progress, eval_at_start=eval_at_start, mesh=mesh)
+  if flax == "nnx":
+    return _finetune_nnx(setup, built, steps=steps, batch_size=batch_size, seed=seed,
+                         learning_rate=learning_rate, progress=progress)
+  try:
+    result = _report.run_one(setup, built, steps=steps, batch_size=batch_size,
+                             learning_rate=learning_rate, head_learning_rate=head_learning_rate,
+                             eval_every=eval_every, seed=seed, output_dir=output_dir,
+                             progress=progress, eval_at_start=eval_at_start, mesh=mesh)
+  except FloatingPointError as error:  # jaxrank.NonFiniteError: a clear message, exit 1
+    typer.echo(f"\nerror: {error}", err=True)
+    raise typer.Exit(1) from None
   typer.echo(f"\nmethod {method} on {model}/{task}, {steps} steps, {result.wall_time:.1f} s")
   if eval_at_start:
     before = {k: v for k, v in result.history[0].items() if k.startswith("eval_")}
@@ -144,6 +178,24 @@ def finetune(
     for path, r in result.rank_pattern.items():
       typer.echo(f"    {path}: {r}")
   typer.echo(f"  results in {output_dir}/ (metrics.json, rank_heatmap.png, checkpoint/, adapter/)")
+
+
+def _finetune_nnx(setup, recipe, *, steps, batch_size, seed, learning_rate, progress):
+  """``finetune --flax nnx``: SmolLM2's weights in the NNX LLaMA, trained by jaxrank.nnx.fit."""
+  from jaxrank import nnx as jaxrank_nnx
+  from jaxrank.models import llama_nnx
+  model = llama_nnx.from_flax_params(llama_nnx.LlamaConfig.from_dict(setup.base.config),
+                                     setup.variables["params"])
+  result = jaxrank_nnx.fit(model, recipe, llama_nnx.causal_lm_task(),
+                           train_data=setup.train_data, eval_data=setup.eval_data, steps=steps,
+                           batch_size=batch_size, learning_rate=learning_rate,
+                           targets=setup.targets, seed=seed, progress=progress)
+  typer.echo(f"\nmethod {recipe.name} on smollm2/austen (Flax NNX), {steps} steps, "
+             f"{result.wall_time:.1f} s")
+  for k, v in result.final_metrics.items():
+    typer.echo(f"  {k}: {v:.4f}")
+  typer.echo(f"  total rank {_report.total_rank(result.rank_pattern)} over "
+             f"{len(result.rank_pattern)} matrices")
 
 
 @app.command()
@@ -168,6 +220,9 @@ def demo(
     cpu_devices: int = typer.Option(1, help=CPU_DEVICES_HELP),
 ):
   """All methods at one equal final rank budget on BBC News: one table, one heatmap each."""
+  _check_numbers(output_dir, steps=steps, batch_size=batch_size, rank=rank,
+                 budget_rank=budget_rank, max_length=max_length,
+                 train_examples_min0=train_examples, eval_examples_min0=eval_examples)
   mesh = _configure_jax(cpu_devices, batch_size)
   start = time.perf_counter()
   names = [m.strip() for m in methods.split(",") if m.strip()]

@@ -102,8 +102,10 @@ def compact(model, variables, *, alpha: Any = None):
   adapter = _tree.adapter_spec(model)
   layers = _tree.adapter_layers(adapter, variables)
   masks = _tree.rank_masks(adapter, variables)
-  max_rank = max(int(np.max(np.sum(np.asarray(m), axis=-1))) for m in masks.values())
-  max_rank = max(max_rank, 1)
+  # a stacked (nn.scan) layer keeps every rank alive in any of its copies
+  alive_ranks = {path: np.flatnonzero(np.asarray(m).reshape(-1, m.shape[-1]).any(axis=0))
+                 for path, m in masks.items()}
+  max_rank = max(1, max(len(alive) for alive in alive_ranks.values()))
   plain = _adapter.LoRA(
       rank=max_rank,
       alpha=float(max_rank) if alpha is None else alpha,
@@ -114,8 +116,7 @@ def compact(model, variables, *, alpha: Any = None):
   new_lora = {}
   pattern = {}
   for path, layer in layers.items():
-    mask = np.asarray(masks[path])
-    alive = np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0))
+    alive = alive_ranks[path]
     gate = adapter.effective_gate(layer.gates) if layer.gates else None
     up = layer.up.astype(jnp.float32) * (adapter.scale / plain.scale)
     if gate is not None:

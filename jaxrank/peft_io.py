@@ -72,7 +72,7 @@ def save_peft_adapter(
   from safetensors.numpy import save_file  # the 'hf' extra
 
   plain, compacted = _plain_lora(model, variables)
-  tensors, rank_pattern, alpha_pattern = {}, {}, {}
+  tensors, rank_pattern, alpha_pattern, owners = {}, {}, {}, {}
   for path, layer in _tree.adapter_layers(plain, compacted).items():
     if layer.stacked_axes or len(layer.in_shape) != 1 or len(layer.out_shape) != 1:
       raise ValueError(
@@ -84,6 +84,12 @@ def save_peft_adapter(
     if rank == 0:
       continue
     name = module_name(path)
+    if name in owners:
+      raise ValueError(
+          f"save_peft_adapter: module_name maps both lora/{owners[name]} and lora/{path} to "
+          f"{name!r}; each adapted layer needs its own PyTorch module name (the default "
+          f"replaces '/' by '.').")
+    owners[name] = path
     tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(layer.down, np.float32).T)
     tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(layer.up, np.float32).T)
     rank_pattern[name] = rank
@@ -170,11 +176,22 @@ def load_peft_adapter(
       continue
     name = key[len(_PREFIX):-len(".lora_A.weight")] if key.startswith(_PREFIX) else key[:-len(".lora_A.weight")]
     down = value.T
-    up = tensors[key.replace(".lora_A.weight", ".lora_B.weight")].T
+    b_key = key.replace(".lora_A.weight", ".lora_B.weight")
+    if b_key not in tensors:
+      raise ValueError(
+          f"{directory}/adapter_model.safetensors: module {name!r} has lora_A but no lora_B "
+          f"({b_key!r} is missing): the file is incomplete; re-export the adapter.")
+    up = tensors[b_key].T
     rank = down.shape[-1]
     alpha = next((a for pattern, a in alpha_pattern.items() if _matches(pattern, name)),
-                 config["lora_alpha"])
-    declared = next((r for pattern, r in rank_pattern.items() if _matches(pattern, name)), config["r"])
+                 config.get("lora_alpha"))
+    declared = next((r for pattern, r in rank_pattern.items() if _matches(pattern, name)),
+                    config.get("r", rank))
+    if alpha is None:
+      raise ValueError(
+          f"{directory}/adapter_config.json has no 'lora_alpha' (and no alpha_pattern entry "
+          f"for module {name!r}): jaxrank needs it for the alpha / r scaling. Add "
+          f"\"lora_alpha\" to the config (PEFT's default is 8).")
     if declared != rank:
       raise ValueError(f"{name}: rank_pattern says {declared} but lora_A has rank {rank}.")
     path = _tree.key_tuple(module_path(name))

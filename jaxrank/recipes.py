@@ -9,180 +9,228 @@ pattern reader and the rng streams of a step. Every method takes the same budget
   (default 4; plain LoRA trains exactly this rank);
 * ``total_steps``: optimizer steps of the run, which place the method's schedule (default
   ``None``: the loop's own step count, :attr:`jaxrank.RecipeContext.total_steps`);
+* ``init_fraction`` and ``final_fraction``: the schedule as fractions of ``total_steps``: the
+  budget starts to bind after step ``init_fraction·T`` and the pattern is final after
+  ``t_final = final_fraction·T``; the steps after it fine-tune the surviving ranks (recovery).
+  Defaults per method: SVD —/0.6, SoRA 0.45/0.6, SaLoRA 0/0.6, AdaLoRA 0.1/0.6 (its
+  ``tinit`` and final allocation), ALoRA 0.2 (warmup)/0.7 (its last round); LoRA ignores them;
 * ``alpha``: LoRA's scale numerator (default ``None``: 2 × the rank the adapter starts with);
 * ``dropout`` on the adapter input and ``weight_decay`` of the factors' AdamW (default 0).
 
-The method's own knobs follow, each with the default the demo and the benchmarks use.
+Every dynamic method reaches exactly ``budget_rank × matrices`` live ranks by itself inside
+the jitted step (no cut after training). The method's own knobs follow, each with the default
+the demo and the benchmarks use.
 :data:`RECIPES` maps every name to its factory and :func:`recipe` looks one up; a new method
 is its method file, one factory here and one registry line.
 
 Example:
   >>> from jaxrank import recipes
   >>> sorted(recipes.RECIPES)
-  ['adalora', 'alora', 'frozen', 'lora', 'salora', 'sora']
+  ['adalora', 'alora', 'frozen', 'lora', 'salora', 'sora', 'svd']
   >>> r = recipes.recipe("sora", rank=8, budget_rank=2)
-  >>> r.name, r.adapter.rank, r.adapter.alpha, r.finalize is not None
+  >>> r.name, r.adapter.rank, r.adapter.alpha, r.finalize is None  # no post-hoc cut
   ('sora', 8, 16.0, True)
   >>> recipes.recipe("lora", rank=8, budget_rank=2).adapter.rank  # LoRA at the budget
   2
   >>> recipes.recipe("dora")
   Traceback (most recent call last):
   ...
-  ValueError: unknown recipe 'dora'; choose from frozen, lora, sora, adalora, salora, alora.
+  ValueError: unknown recipe 'dora'; choose from frozen, lora, sora, adalora, salora, alora, svd.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
-import numpy as np
 import optax
 
 import jaxrank
 from jaxrank import _recipe
-from jaxrank import _tree
 from jaxrank._recipe import default_alpha
 from jaxrank._recipe import Recipe
 from jaxrank._recipe import RecipeContext
-
-# the |log θ| that jaxrank.salora_harden writes: sigmoid(-50) closes a gate exactly
-_CLOSED_LOG_THETA = 50.0
 
 
 def _steps(total_steps: Optional[int], ctx: RecipeContext) -> int:
   return ctx.total_steps if total_steps is None else total_steps
 
 
+def _final_step(total_steps: int, fraction: float) -> int:
+  """``round(fraction · T)`` inside ``[1, T − 1]``."""
+  return max(1, min(total_steps - 1, int(round(fraction * total_steps))))
+
+
 def frozen_recipe(*, rank: Optional[int] = None, budget_rank: Optional[int] = None,
-                  total_steps: Optional[int] = None, alpha: Optional[float] = None) -> Recipe:
+                  total_steps: Optional[int] = None, alpha: Optional[float] = None,
+                  init_fraction: Optional[float] = None,
+                  final_fraction: Optional[float] = None) -> Recipe:
   """The frozen-model baseline: no adapters, only the task head trains.
 
   The budget arguments are accepted (so every recipe takes the same call) and ignored.
   """
-  del rank, budget_rank, total_steps, alpha
+  del rank, budget_rank, total_steps, alpha, init_fraction, final_fraction
   return _recipe.frozen()
 
 
 def lora_recipe(*, rank: int = 8, budget_rank: Optional[int] = None,
                 total_steps: Optional[int] = None, alpha: Optional[float] = None,
-                dropout: float = 0.0, weight_decay: float = 0.0) -> Recipe:
+                dropout: float = 0.0, weight_decay: float = 0.0,
+                init_fraction: Optional[float] = None,
+                final_fraction: Optional[float] = None) -> Recipe:
   """Plain LoRA (Hu et al., 2021): a fixed rank, AdamW on the factors.
 
   Args:
     rank: the rank of every adapter when ``budget_rank`` is None.
     budget_rank: the rank of every adapter, when given: the uniform-LoRA baseline at a budget.
-    total_steps: unused (LoRA has no schedule of its own).
+    total_steps, init_fraction, final_fraction: unused (LoRA has no schedule).
     alpha: LoRA's alpha (default 2 × the trained rank).
     dropout, weight_decay: adapter-input dropout and the factors' AdamW weight decay.
   """
-  del total_steps
+  del total_steps, init_fraction, final_fraction
   return _recipe.lora(rank=rank if budget_rank is None else budget_rank, alpha=alpha,
                       dropout=dropout, weight_decay=weight_decay)
 
 
-def sora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional[int] = None,
-                alpha: Optional[float] = None, dropout: float = 0.0, weight_decay: float = 0.0,
-                lam: float = 0.1) -> Recipe:
-  """SoRA (Ding et al., 2023): AdamW, then the proximal step on the gates ``g``.
-
-  ``lam`` is the sparsity strength λ of :func:`jaxrank.sora_prox` (its threshold is
-  ``lam × learning rate``). After training at most ``budget_rank × matrices`` ranks stay: the
-  live ranks of highest ``|g|``, the others get ``g = 0`` (SoRA's own pruned value).
-  ``alpha`` defaults to 2 × ``rank``; ``total_steps`` is unused.
-  """
-  del total_steps
-  spec = jaxrank.SoRA(rank=rank, alpha=default_alpha(alpha, rank), dropout=dropout)
-  gate = spec.gate_names[0]
+def svd_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional[int] = None,
+               alpha: Optional[float] = None, dropout: float = 0.0, weight_decay: float = 0.0,
+               init_fraction: Optional[float] = None, final_fraction: float = 0.6) -> Recipe:
+  """The SVD-truncation baseline (:func:`jaxrank.svd_truncation`): LoRA at ``rank`` until
+  ``t_final = final_fraction·T`` (default 0.6), one global singular-value cut to
+  ``budget_rank × matrices`` ranks inside the step, then recovery. ``alpha`` defaults to
+  2 × ``rank``; ``init_fraction`` is unused (the cut is one step)."""
+  del init_fraction
+  spec = jaxrank.SVDTruncation(rank=rank, alpha=default_alpha(alpha, rank), dropout=dropout)
 
   def optimizer(ctx):
-    return optax.chain(optax.adamw(ctx.schedule, weight_decay=weight_decay),
-                       jaxrank.sora_prox(lam, ctx.schedule))
+    cut = _final_step(_steps(total_steps, ctx), final_fraction)
+    return jaxrank.svd_truncation(optax.adamw(ctx.schedule, weight_decay=weight_decay),
+                                  budget=budget_rank * ctx.num_matrices, cut_step=cut - 1,
+                                  scale=spec.scale)
 
-  def finalize(model, variables, opt_state):
-    return _tree.keep_top_ranks(model, variables, budget_rank, gate, score=np.abs,
-                                dropped=np.zeros_like)
+  return Recipe(name="svd", adapter=spec, optimizer=optimizer)
 
-  return Recipe(name="sora", adapter=spec, optimizer=optimizer, finalize=finalize)
+
+def sora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional[int] = None,
+                alpha: Optional[float] = None, dropout: float = 0.0, weight_decay: float = 0.0,
+                lam: float = 0.1, init_fraction: float = 0.45, final_fraction: float = 0.6,
+                normalize: bool = True, orthogonalize_every: Optional[int] = 50) -> Recipe:
+  """SoRA (Ding et al., 2023) at a budget (:func:`jaxrank.sora_budget`).
+
+  AdamW on factors and gates, then the gates' prox (threshold ``lam`` × learning rate, λ = 0.1)
+  under a budget that shrinks (cubic) from capacity at ``init_fraction·T`` (0.45) to
+  ``budget_rank × matrices`` at ``final_fraction·T`` (0.6), then recovery with the pattern
+  frozen: the run ends at exactly the budget, with no cut after training.
+
+  ``normalize=True`` (jaxrank): the threshold is relative to the task loss and in Adam's
+  metric, so the default λ holds when the loss is scaled. ``orthogonalize_every=50`` (jaxrank):
+  every 50 pruning steps each layer is rewritten in the SVD form of its core and the optimizer
+  restarts, so scores are singular values. The paper's form is ``normalize=False,
+  orthogonalize_every=None, init_fraction=0.1``. ``alpha`` defaults to 2 × ``rank``.
+  """
+  spec = jaxrank.SoRA(rank=rank, alpha=default_alpha(alpha, rank), dropout=dropout)
+
+  def optimizer(ctx):
+    steps = _steps(total_steps, ctx)
+    t_final = _final_step(steps, final_fraction)
+    t_init = min(_final_step(steps, init_fraction), t_final - 1)  # at least one pruning step
+    return jaxrank.sora_budget(optax.adamw(ctx.schedule, weight_decay=weight_decay),
+                               ctx.schedule, budget=budget_rank * ctx.num_matrices,
+                               t_init=t_init, t_final=t_final, lam=lam,
+                               normalize=normalize, orthogonalize_every=orthogonalize_every)
+
+  return Recipe(name="sora", adapter=spec, optimizer=optimizer)
 
 
 def adalora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional[int] = None,
                    alpha: Optional[float] = None, dropout: float = 0.0,
-                   weight_decay: float = 0.0, orthogonality_weight: float = 0.1,
-                   orthogonality_form: str = "paper", lr_factor: float = 5.0,
-                   tinit: Optional[int] = None, tfinal: Optional[int] = None,
-                   delta_t: Optional[int] = None) -> Recipe:
+                   weight_decay: float = 0.0, orthogonality_weight: float = 1.0,
+                   orthogonality_form: str = "paper", orthogonality_normalize: bool = True,
+                   init_std: Optional[float] = None, importance: str = "sensitivity",
+                   lr_factor: float = 1.0, tinit: Optional[int] = None,
+                   tfinal: Optional[int] = None, delta_t: int = 10, init_fraction: float = 0.1,
+                   final_fraction: float = 0.6) -> Recipe:
   """AdaLoRA (Zhang et al., 2023): :func:`jaxrank.adalora` around AdamW on ``P, Λ, Q``.
+
+  The transform reaches exactly ``budget_rank × matrices`` triplets by itself at the final
+  allocation (``final_fraction·T``) and fine-tunes that pattern to the end: no cut after
+  training, and ``Λ ≠ 0`` is the allocator's pattern at every step (``compat="paper"``).
 
   Args:
     rank, budget_rank: ``init_r`` and ``target_r`` (the budget is reached by the schedule).
     total_steps: the schedule's ``total_step`` (default: the run's steps).
     alpha: default 2 × ``rank``.
-    orthogonality_weight, orthogonality_form: the loss term
-      ``weight × jaxrank.orthogonality_penalty(form=...)`` (0.1, the paper's form).
-    lr_factor: the factors' learning rate is ``lr_factor ×`` the run's schedule (default 5:
-      PEFT's initialisation, ``P, Q ~ N(0, 0.02²)``, ``Λ = 0``, starts the update far smaller
-      than LoRA's; 5 × 2e-3 reached 96.8 % test accuracy on BBC News in 60 steps against
-      91.4 %, no better than the frozen encoder, at 2e-3). The head keeps the common rate.
-    tinit, tfinal, delta_t: the budget schedule's warmup, final fine-tuning and masking
-      interval (default ``steps // 10``, ``steps // 5`` and ``steps // 50``, each at least 1).
+    orthogonality_weight, orthogonality_form, orthogonality_normalize: γ of eq. 4 inside the
+      transform (default 1, the paper's form) and its normalisation ``∇C + γ ρ̄ ∇R`` (jaxrank's,
+      loss-scale free; False: the paper's ``∇C + γ ∇R``), see :func:`jaxrank.adalora`.
+    init_std: std of ``P``, ``Q``; ``None`` (default) = ``1/sqrt(fan)``, unit-norm singular
+      vectors, so no learning-rate factor is needed (0.02 is PEFT's).
+    importance: ``"sensitivity"`` (eq. 7–11) or ``"magnitude"``.
+    lr_factor: the factors' learning rate is ``lr_factor ×`` the run's schedule (default 1).
+    init_fraction, final_fraction: ``tinit = ⌊init_fraction·T⌋`` warmup steps (0.1) and the
+      final allocation at ``final_fraction·T`` (0.6), i.e. ``tfinal = T −`` that.
+    tinit, tfinal, delta_t: explicit warmup and final fine-tuning steps (they override the
+      fractions) and the masking interval ΔT (default 10).
   """
-  spec = jaxrank.AdaLoRA(rank=rank, alpha=default_alpha(alpha, rank), dropout=dropout)
-  pick = lambda value, fraction, steps: max(1, steps // fraction) if value is None else value
+  spec = jaxrank.AdaLoRA(rank=rank, alpha=default_alpha(alpha, rank), dropout=dropout,
+                         init_std=init_std)
 
   def optimizer(ctx):
     steps = _steps(total_steps, ctx)
+    warm = max(1, math.floor(init_fraction * steps + 1e-9)) if tinit is None else tinit
+    tail = steps - max(warm + 1, _final_step(steps, final_fraction)) if tfinal is None else tfinal
     schedule = lambda step: lr_factor * ctx.schedule(step)
     return jaxrank.adalora(optax.adamw(schedule, weight_decay=weight_decay), init_r=rank,
-                           target_r=budget_rank, tinit=pick(tinit, 10, steps),
-                           tfinal=pick(tfinal, 5, steps), total_step=steps,
-                           deltaT=pick(delta_t, 50, steps))
-
-  def penalty(model, variables):
-    return orthogonality_weight * jaxrank.orthogonality_penalty(model, variables,
-                                                                form=orthogonality_form)
+                           target_r=budget_rank, tinit=warm, tfinal=tail, total_step=steps,
+                           deltaT=delta_t, importance=importance,
+                           orth_weight=orthogonality_weight, orth_form=orthogonality_form,
+                           orth_normalize=orthogonality_normalize)
 
   def pattern(model, variables, opt_state):
     return {k: int(v.sum()) for k, v in jaxrank.adalora_rank_pattern(opt_state).items()}
 
-  return Recipe(name="adalora", adapter=spec, optimizer=optimizer, penalty=penalty,
-                rank_pattern=pattern)
+  return Recipe(name="adalora", adapter=spec, optimizer=optimizer, rank_pattern=pattern)
 
 
 def salora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional[int] = None,
                   alpha: Optional[float] = None, dropout: float = 0.0,
                   weight_decay: float = 0.0, lambda_learning_rate: float = 1.0,
-                  lambda_window: tuple[float, float] = (0.0, 0.8)) -> Recipe:
+                  init_fraction: float = 0.0, final_fraction: float = 0.6,
+                  gate_learning_rate: float = 0.05, orthogonality_weight: float = 0.1,
+                  normalize: bool = True) -> Recipe:
   """SaLoRA (Hu et al., 2023): hard-concrete gates under a Lagrangian density constraint.
 
-  The target density is ``budget_rank / rank``; :func:`jaxrank.lagrangian_ascent` moves λ by
-  ``lambda_learning_rate`` per step inside ``lambda_window`` (fractions of the run's steps:
-  the constraint ramps from 0 % to 80 % of training). After training the gates are hardened
-  (:func:`jaxrank.salora_harden`) and at most ``budget_rank × matrices`` ranks, those of
-  highest ``log θ``, stay open. ``alpha`` defaults to 2 × ``rank``.
+  Factors: AdamW at the run's schedule. ``log θ``: Adam at the constant ``gate_learning_rate``
+  (0.05, a logit step) during ``[init_fraction·T, final_fraction·T)`` (0 and 0.6), its state
+  advancing only there; λ: projected ascent with ``lambda_learning_rate`` toward the target
+  density ``budget_rank / rank``. On the last window step the ``budget_rank × matrices`` ranks
+  most likely open are hardened open and the rest closed (inside the step); the remaining
+  steps fine-tune them with the gates frozen: no cut after training. ``normalize=True``
+  (jaxrank) multiplies β (``orthogonality_weight``) and λ's terms by the task-loss EMA
+  (:func:`jaxrank.salora_add_loss_scale`); ``False`` is eq. 12 as written. ``alpha`` defaults
+  to 2 × ``rank``.
   """
   spec = jaxrank.SaLoRA(rank=rank, alpha=default_alpha(alpha, rank), dropout=dropout)
   density = budget_rank / rank
-  gate = spec.gate_names[0]
-  start, end = lambda_window
 
   def optimizer(ctx):
     steps = _steps(total_steps, ctx)
-    return jaxrank.lagrangian_ascent(lambda_learning_rate,
-                                     optax.adamw(ctx.schedule, weight_decay=weight_decay),
-                                     t_start=int(steps * start),
-                                     t_end=max(1, int(steps * end)))
+    return jaxrank.lagrangian_ascent(
+        lambda_learning_rate, optax.adamw(ctx.schedule, weight_decay=weight_decay),
+        t_start=int(round(init_fraction * steps)), t_end=_final_step(steps, final_fraction),
+        total_steps=steps, gate_optimizer=optax.adam(gate_learning_rate),
+        budget=budget_rank * ctx.num_matrices)
 
-  def finalize(model, variables, opt_state):
-    hard = jaxrank.salora_harden(model, variables, rule="budget")
-    return _tree.keep_top_ranks(
-        model, hard, budget_rank, gate, score=lambda t: t,
-        dropped=lambda t: np.full_like(t, -_CLOSED_LOG_THETA))
+  def prepare(model, variables):
+    variables = jaxrank.add_lagrange_multiplier(variables)
+    return jaxrank.salora_add_loss_scale(variables) if normalize else variables
 
-  return Recipe(
-      name="salora", adapter=spec, optimizer=optimizer,
-      penalty=lambda model, v: jaxrank.salora_penalty(model, v, target_density=density),
-      prepare=lambda model, v: jaxrank.add_lagrange_multiplier(v), finalize=finalize,
-      train_rngs=("dropout", spec.rng_name))
+  def penalty(model, variables):
+    return jaxrank.salora_penalty(model, variables, target_density=density,
+                                  orthogonality_weight=orthogonality_weight)
+
+  return Recipe(name="salora", adapter=spec, optimizer=optimizer, penalty=penalty,
+                prepare=prepare, train_rngs=("dropout", spec.rng_name))
 
 
 def alora_chunk_size(chunk_size: Optional[int] = None) -> int:
@@ -202,30 +250,37 @@ def _first(batch, n: int):
 
 def alora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional[int] = None,
                  alpha: Optional[float] = None, dropout: float = 0.0, weight_decay: float = 0.0,
-                 rounds: int = 2, scoring_examples: int = 8,
-                 chunk_size: Optional[int] = None) -> Recipe:
+                 rounds: int = 5, ranks_per_round: Optional[int] = None,
+                 scoring_examples: int = 64, chunk_size: Optional[int] = None,
+                 keep_budget: bool = True, init_fraction: float = 0.2,
+                 final_fraction: float = 0.7) -> Recipe:
   """ALoRA (Liu et al., 2024): ablation scoring, pruning and reallocation of ranks.
 
-  Every matrix starts with ``budget_rank`` live ranks out of ``rank`` slots, so the budget
-  holds throughout. After a warmup of a quarter of the steps, ``rounds`` rounds (each followed
-  by equal recovery) score every live rank on the first ``scoring_examples`` rows of the
-  validation batch, ``chunk_size`` ranks per vmapped call (:func:`alora_chunk_size`), and move
-  ranks from half the matrices to the others (with all matrices, ranks spread over every
-  module are simply lost). ``alpha`` defaults to 2 × ``budget_rank`` (the initial rank).
+  Every matrix starts with ``budget_rank`` live ranks out of ``rank`` slots. After a warmup
+  ``K1 = init_fraction·T`` (0.2), ``rounds`` rounds (5) ``K2`` apart, the last at
+  ``final_fraction·T`` (0.7), each score every live rank (eq. 6) on the first
+  ``scoring_examples`` rows (64) of the validation batch, ``chunk_size`` ranks per vmapped call
+  (:func:`alora_chunk_size`), prune ``ranks_per_round`` ranks (``n_A``, default half the
+  matrices) and re-add exactly as many (``keep_budget``, jaxrank's; False: the paper's rule,
+  under which the total can shrink). The pattern after the last round is fine-tuned to the end,
+  at exactly ``budget_rank × matrices`` live ranks: no cut after training. Rounds that would
+  not fit in ``T`` are dropped. ``alpha`` defaults to 2 × ``budget_rank`` (the initial rank).
   """
   spec = jaxrank.ALoRA(rank=rank, initial_rank=budget_rank,
                        alpha=default_alpha(alpha, budget_rank), dropout=dropout)
 
   def optimizer(ctx):
     steps = _steps(total_steps, ctx)
-    warmup = max(1, steps // 4)
-    recovery = max(1, (steps - warmup) // (rounds + 1))
+    warmup = max(1, math.floor(init_fraction * steps + 1e-9))
+    last = max(warmup + 1, _final_step(steps, final_fraction))
+    recovery = max(1, (last - warmup) // max(1, rounds - 1))
+    fitting = max(1, min(rounds, (steps - warmup) // recovery))  # K1 + N_A·K2 <= T
+    per_round = ranks_per_round or max(1, ctx.num_matrices // 2)
     return jaxrank.alora(optax.adamw(ctx.schedule, weight_decay=weight_decay), spec, ctx.loss_fn,
-                         warmup_steps=warmup, recovery_steps=recovery,
-                         num_rounds=rounds, ranks_per_round=max(1, ctx.num_matrices // 2),
-                         total_steps=steps,
+                         warmup_steps=warmup, recovery_steps=recovery, num_rounds=fitting,
+                         ranks_per_round=per_round, total_steps=steps,
                          validation_batch=_first(ctx.validation_batch, scoring_examples),
-                         chunk_size=alora_chunk_size(chunk_size))
+                         chunk_size=alora_chunk_size(chunk_size), keep_budget=keep_budget)
 
   return Recipe(name="alora", adapter=spec, optimizer=optimizer, separate_head=False)
 
@@ -237,6 +292,7 @@ RECIPES: dict[str, Callable[..., Recipe]] = {
     "adalora": adalora_recipe,
     "salora": salora_recipe,
     "alora": alora_recipe,
+    "svd": svd_recipe,
 }
 
 

@@ -61,6 +61,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from jaxrank import _fit_checks
 from jaxrank import _progress
 from jaxrank import _recipe
 from jaxrank import _tree
@@ -68,6 +69,12 @@ from jaxrank import _variables
 from jaxrank import _wrap
 from jaxrank import tasks
 from jaxrank._adapter_export import export_adapter
+from jaxrank._evaluation import _init_adapters
+from jaxrank._evaluation import _learned_ranks
+from jaxrank._evaluation import evaluate
+from jaxrank._evaluation import make_eval_step
+from jaxrank._evaluation import TrainResult
+from jaxrank._fit_checks import NonFiniteError
 from jaxrank._heads import HEAD
 from jaxrank._heads import join
 from jaxrank._heads import split_head
@@ -90,52 +97,11 @@ class TrainState(NamedTuple):
   rng: jax.Array
 
 
-@dataclasses.dataclass
-class TrainResult:
-  """What :func:`fit` returns."""
-
-  model: Any
-  variables: dict
-  state: TrainState
-  method: Recipe
-  history: list
-  final_metrics: dict
-  rank_pattern: dict
-  trainable_parameters: int
-  head_parameters: int
-  wall_time: float
-  # total live ranks after training but before ``method.finalize`` (None without finalize)
-  live_ranks_before_finalize: Optional[int] = None
-
-
 def _wrap_model(base, method: Recipe, default_targets):
   if method.adapter is None:
     return base
   targets = method.targets if method.targets is not None else default_targets
   return _wrap.wrap(base, targets=targets, adapter=method.adapter)
-
-
-def evaluate(model, task: tasks.Task, frozen, trainable, data, batch_size: int, _fn=None, *,
-             mesh: Optional[jax.sharding.Mesh] = None, data_axis: str = "data") -> dict:
-  """``task.summarize`` of the summed metrics over every example of ``data``.
-
-  With ``mesh``, each batch is split over its ``data_axis`` (see :func:`fit`).
-  """
-  fn = _fn or make_eval_step(model, task)
-  place = batch_placement(mesh, data_axis, eval_batch_size=batch_size)
-  sums = None
-  for batch in eval_batches(data, batch_size):
-    out = fn(frozen, trainable, place(batch))
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  return task.summarize(jax.device_get(sums))
-
-
-def make_eval_step(model, task: tasks.Task):
-  @jax.jit
-  def eval_step(frozen, trainable, batch):
-    outputs = task.apply(model, join(frozen, trainable), batch, deterministic=True)
-    return task.metrics(outputs, batch)
-  return eval_step
 
 
 @dataclasses.dataclass
@@ -235,7 +201,8 @@ def make_train_step(model, method: Recipe, task: tasks.Task,
       return task_loss + extra, task_loss
 
     (_, task_loss), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    updates, opt_state = optax.with_extra_args_support(tx).update(  # the task loss: `value`
+        grads, state.opt_state, state.trainable, value=jax.lax.stop_gradient(task_loss))
     trainable = optax.apply_updates(state.trainable, updates)
     return TrainState(state.step + 1, trainable, opt_state, rng), task_loss
 
@@ -292,7 +259,7 @@ def fit(
     head: names of the ``params`` modules that are trained in full (the fresh task head).
     targets: adapter targets when ``method.targets`` is None.
     on_eval: called as ``on_eval(step, record, state)`` after each periodic evaluation (e.g.
-      to write a checkpoint). The next step donates ``state``'s buffers: copy what you keep.
+      to write a checkpoint).
     eval_at_start: also evaluate before the first step (history entry with ``step`` 0).
     mesh, data_axis: train data-parallel on ``mesh``: every train and eval batch is split over
       its ``data_axis`` (batch sizes must be multiples of its size), variables and optimizer
@@ -304,11 +271,23 @@ def fit(
   Returns:
     A :class:`TrainResult`: final variables, history (one dict per evaluation), final metrics
     (``test_*`` from ``test_data``, else ``eval_data``), rank pattern and parameter counts.
+
+  Raises:
+    ValueError: for a non-positive ``steps``/``batch_size``, a negative ``eval_every``, or
+      eval/test data whose keys or per-example shapes differ from ``train_data``'s.
+    jaxrank.NonFiniteError: (a ``FloatingPointError``) when a training loss or an evaluation
+      metric is NaN or infinite; it names the step and carries the last finite state
+      (``.state``), so no rank decision is taken from NaN.
   """
   start = time.perf_counter()
   if isinstance(method, str):
     from jaxrank import recipes
     method = recipes.recipe(method, total_steps=steps)
+  _fit_checks.check_fit_arguments(steps=steps, batch_size=batch_size,
+                                  eval_batch_size=eval_batch_size, eval_every=eval_every)
+  for name, split in (("eval_data", eval_data), ("test_data", test_data)):
+    if split is not None:
+      _fit_checks.check_eval_data(train_data, split, name)
   eval_batch_size = eval_batch_size or batch_size
   validation_batch = next(eval_batches(eval_data, batch_size)) if eval_data is not None else None
   place = batch_placement(mesh, data_axis, batch_size=batch_size,
@@ -319,7 +298,9 @@ def fit(
                    head=head, targets=targets, seed=seed, validation_batch=validation_batch,
                    mesh=mesh)
   model, frozen, state = prepared.model, prepared.frozen, prepared.state
-  train_step = jit_train_step(make_train_step(model, method, task, prepared.tx), mesh)
+  # not donated: the last finite state must survive a step that turns it into NaN
+  train_step = jit_train_step(make_train_step(model, method, task, prepared.tx), mesh,
+                              donate=False)
   on_mesh = dict(mesh=mesh, data_axis=data_axis)
 
   eval_step = make_eval_step(model, task)
@@ -327,25 +308,33 @@ def fit(
   if eval_at_start and eval_data is not None:
     metrics = evaluate(model, task, frozen, state.trainable, eval_data, eval_batch_size, eval_step,
                        **on_mesh)
+    _fit_checks.check_metrics(0, metrics, state, history)
     history.append({"step": 0, "train_loss": None, **{f"eval_{k}": v for k, v in metrics.items()}})
   iterator = batches(train_data, batch_size, seed=seed)
   bar = _progress.Bar(steps, method.name, progress)
-  running = None
-  for step in range(1, steps + 1):
-    state, loss = train_step(frozen, state, place(next(iterator)))
-    loss = float(loss)
-    running = loss if running is None else 0.9 * running + 0.1 * loss
-    bar.step(running)
-    if eval_data is not None and eval_every and step % eval_every == 0 and step < steps:
-      metrics = evaluate(model, task, frozen, state.trainable, eval_data, eval_batch_size,
-                         eval_step, **on_mesh)
-      record = {"step": step, "train_loss": running,
-                **{f"eval_{k}": v for k, v in metrics.items()}}
-      history.append(record)
-      if on_eval is not None:
-        on_eval(step, record, state)
-      bar.record(record)
-  bar.close()
+  running, finite = None, state  # finite: the last state whose training loss was finite
+  try:
+    for step in range(1, steps + 1):
+      new_state, loss = train_step(frozen, state, place(next(iterator)))
+      loss = float(loss)
+      if not np.isfinite(loss):
+        kept = state if _fit_checks.all_finite((state.trainable, state.opt_state)) else finite
+        raise _fit_checks.non_finite_loss(step, loss, kept, history)
+      finite, state = state, new_state
+      running = loss if running is None else 0.9 * running + 0.1 * loss
+      bar.step(running)
+      if eval_data is not None and eval_every and step % eval_every == 0 and step < steps:
+        metrics = evaluate(model, task, frozen, state.trainable, eval_data, eval_batch_size,
+                           eval_step, **on_mesh)
+        _fit_checks.check_metrics(step, metrics, state, history)
+        record = {"step": step, "train_loss": running,
+                  **{f"eval_{k}": v for k, v in metrics.items()}}
+        history.append(record)
+        if on_eval is not None:
+          on_eval(step, record, state)
+        bar.record(record)
+  finally:
+    bar.close()
 
   trainable = state.trainable
   live_before_finalize = None
@@ -360,11 +349,13 @@ def fit(
   if eval_data is not None:
     metrics = evaluate(model, task, frozen, trainable, eval_data, eval_batch_size, eval_step,
                        **on_mesh)
+    _fit_checks.check_metrics(steps, metrics, state, history)
     final.update({f"eval_{k}": v for k, v in metrics.items()})
     history.append({"step": steps, "train_loss": running, **final})
   if test_data is not None:
     metrics = evaluate(model, task, frozen, trainable, test_data, eval_batch_size, eval_step,
                        **on_mesh)
+    _fit_checks.check_metrics(steps, metrics, state, history, split="test")
     final.update({f"test_{k}": v for k, v in metrics.items()})
   variables_out = join(frozen, trainable)
   pattern, adapter_count = _learned_ranks(model, method, variables_out, state.opt_state)
@@ -374,35 +365,6 @@ def fit(
       final_metrics=final, rank_pattern=pattern, trainable_parameters=adapter_count,
       head_parameters=head_count, wall_time=time.perf_counter() - start,
       live_ranks_before_finalize=live_before_finalize)
-
-
-def _learned_ranks(model, method: Recipe, variables, opt_state) -> tuple[dict, int]:
-  """``(rank pattern, live adapter parameters)`` after training (empty without adapters)."""
-  if method.adapter is None:
-    return {}, 0
-  pattern = (method.rank_pattern(model, variables, opt_state)
-             if method.rank_pattern is not None else _variables.rank_pattern(model, variables))
-  pattern = {k: (int(np.sum(v)) if np.ndim(v) and np.asarray(v).dtype == bool else v)
-             for k, v in pattern.items()}
-  return pattern, _variables.effective_parameter_count(model, variables)
-
-
-def _init_adapters(model, task: tasks.Task, batch, key):
-  """``model.init`` through ``task.apply`` (so the task decides the call signature)."""
-  captured = {}
-
-  class _Init:
-    def apply(self, variables, *args, **kwargs):
-      del variables
-      captured["variables"] = model.init(
-          key, *args, **{k: v for k, v in kwargs.items() if k != "rngs"})
-      return captured["variables"]
-
-  def init(b):
-    task.apply(_Init(), None, b, deterministic=True)
-    return captured["variables"]
-
-  return jax.jit(init)({k: v[:1] for k, v in batch.items()})
 
 
 # --- the 0.1 spellings of what moved out, for one release ---------------------------------------

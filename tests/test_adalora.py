@@ -199,12 +199,17 @@ def test_traced_budget_in_state_every_step_without_recompiling():
   assert step_fn._cache_size() == 1
 
 
-def test_pruned_singular_values_regrow_between_events():
-  """Only Λ is zeroed; P, Q and the optimizer state are kept, so a triplet can come back."""
+@pytest.mark.parametrize("compat", ["peft", "paper"])
+def test_pruned_singular_values_regrow_between_events(compat):
+  """Only Λ is zeroed; P, Q and the optimizer state are kept, so a triplet can come back.
+
+  ``compat="peft"``: Λ regrows between events; ``"paper"``: Λ is masked after every update
+  (eq. 6), the P/Q of the masked triplets still move.
+  """
   model, variables = _setup(rank=4)
   frozen, trainable = jaxrank.split_variables(variables)
   tx = adalora(optax.adam(1e-2), init_r=4, target_r=1, tinit=1, tfinal=2, total_step=40,
-               deltaT=10)
+               deltaT=10, compat=compat)
   state = tx.init(trainable)
   loss = jax.jit(jax.grad(_loss_fn(model, frozen)))
   update = jax.jit(tx.update)
@@ -219,7 +224,12 @@ def test_pruned_singular_values_regrow_between_events():
   updates, state = update(loss(trainable, *_data(8, 11)), state, trainable)
   trainable = optax.apply_updates(trainable, updates)
   regrown = [np.asarray(trainable["gates"][k]["singular_values"])[d] for k, d in dropped.items()]
-  assert np.all(np.concatenate(regrown) != 0.0)
+  if compat == "peft":
+    assert np.all(np.concatenate(regrown) != 0.0)
+  else:
+    np.testing.assert_array_equal(np.concatenate(regrown), 0.0)
+    for k, d in dropped.items():  # the masked triplets' P keep their values (not re-zeroed)
+      assert np.any(np.asarray(trainable["lora"][k]["P"])[d] != 0.0)
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -385,3 +395,121 @@ def test_layers_stacked_by_scan_are_ranked_as_separate_matrices():
   assert np.all(np.asarray(lam)[~np.asarray(mask)] == 0.0)
   np.testing.assert_array_equal(jaxrank.rank_masks(model, {**frozen, **trainable})["blocks/mix"],
                                 mask)
+
+
+# --- issue 16: past total_step, export between events ---------------------------------------
+
+
+def _run_steps(tx, model, trainable, frozen, steps):
+  state = tx.init(trainable)
+  loss = jax.jit(jax.grad(_loss_fn(model, frozen)))
+  update = jax.jit(tx.update)
+  patterns = []
+  for step in range(steps):
+    updates, state = update(loss(trainable, *_data(8, step)), state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    patterns.append({k: int(np.sum(v)) for k, v in rank_pattern_from_state(state).items()})
+  return trainable, state, patterns
+
+
+def test_final_pattern_is_kept_after_total_step_with_tfinal_zero():
+  """With tfinal=0 the last allocation is at step total_step; later steps keep it (PEFT)."""
+  model, variables = _setup(rank=4)
+  frozen, trainable = jaxrank.split_variables(variables)
+  tx = adalora(optax.adam(1e-2), init_r=4, target_r=2, tinit=2, total_step=10)
+  trainable, state, patterns = _run_steps(tx, model, trainable, frozen, 16)
+  final = patterns[10]  # the call with count == total_step
+  assert sum(final.values()) == 4
+  for later in patterns[11:]:
+    assert later == final
+  assert jaxrank.rank_pattern(model, {**frozen, **trainable}) == final
+
+
+def test_exported_ranks_follow_the_allocator_between_mask_events():
+  """A run that ends between mask events exports the allocator's pattern, not Λ≠0."""
+  model, variables = _setup(rank=4)
+  frozen, trainable = jaxrank.split_variables(variables)
+  tx = adalora(optax.adam(1e-2), init_r=4, target_r=1, tinit=1, tfinal=2, total_step=40,
+               deltaT=10)
+  trainable, state, patterns = _run_steps(tx, model, trainable, frozen, 13)  # event at 10
+  allocator = patterns[-1]
+  assert sum(allocator.values()) < 8
+  full = {**frozen, **trainable}
+  assert jaxrank.rank_pattern(model, full) == allocator
+  _, _, compacted = jaxrank.compact(model, full)
+  assert compacted == allocator
+  for k, kept in rank_pattern_from_state(state).items():
+    lam = np.asarray(trainable["gates"][k]["singular_values"])
+    np.testing.assert_array_equal(lam[~np.asarray(kept)], 0.0)
+
+
+# --- issue 16: the orthogonality term inside the transform ------------------------------------
+
+
+def _mse_loss(model, frozen, scale=1.0):
+  def loss(trainable, x, y):
+    return scale * jnp.mean((model.apply({**frozen, **trainable}, x) - y) ** 2)
+  return loss
+
+
+def _train(tx, model, frozen, trainable, loss, steps=15):
+  state = tx.init(trainable)
+  grad = jax.jit(jax.grad(loss))
+  update = jax.jit(tx.update)
+  for step in range(steps):
+    updates, state = update(grad(trainable, *_data(8, step)), state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+  return trainable
+
+
+@pytest.mark.parametrize("form", ["paper", "peft"])
+def test_literal_orthogonality_equals_the_penalty_in_the_loss(form):
+  """orth_normalize=False: ∇C + γ∇R, i.e. the paper's objective C + γ R (eq. 4)."""
+  model, variables = _setup(rank=4)
+  variables = _with_singular_values(variables)
+  frozen, trainable = jaxrank.split_variables(variables)
+  kw = dict(init_r=4, target_r=2, tinit=2, tfinal=2, total_step=15, deltaT=2)
+  mse = _mse_loss(model, frozen)
+  in_loss = lambda t, x, y: mse(t, x, y) + 0.3 * jaxrank.orthogonality_penalty(
+      model, {**frozen, **t}, form=form)
+  want = _train(adalora(optax.sgd(0.05), **kw), model, frozen, trainable, in_loss)
+  got = _train(adalora(optax.sgd(0.05), orth_weight=0.3, orth_form=form, orth_normalize=False,
+                       **kw), model, frozen, trainable, mse)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_normalised_orthogonality_does_not_depend_on_the_loss_scale():
+  """∇C + γ ρ̄ ∇R: scaling C by 64 scales the whole gradient, which Adam removes; the literal
+  form changes with the scale (so the test can fail)."""
+  model, variables = _setup(rank=4)
+  frozen, trainable = jaxrank.split_variables(variables)
+  kw = dict(init_r=4, target_r=2, tinit=3, tfinal=3, total_step=15, deltaT=2, orth_weight=1.0)
+  runs = {}
+  for normalize in (True, False):
+    for scale in (1.0, 64.0):
+      tx = adalora(optax.adam(1e-2, eps=1e-12), orth_normalize=normalize, **kw)
+      runs[normalize, scale] = _train(tx, model, frozen, trainable,
+                                      _mse_loss(model, frozen, scale))
+  for a, b in zip(jax.tree.leaves(runs[True, 1.0]), jax.tree.leaves(runs[True, 64.0])):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
+  assert not all(np.allclose(a, b, rtol=2e-3, atol=1e-5) for a, b in zip(
+      jax.tree.leaves(runs[False, 1.0]), jax.tree.leaves(runs[False, 64.0])))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(compat="hf"), "compat must be"),
+    (dict(importance="grad"), "importance must be"),
+    (dict(orth_form="sum"), "orth_form must be"),
+])
+def test_option_errors(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    adalora(optax.sgd(0.1), init_r=4, target_r=2, total_step=10, **kwargs)
+
+
+def test_unit_norm_init_of_the_singular_vectors():
+  spec = AdaLoRA(rank=64, init_std=None)
+  down = spec.init_down(jax.random.key(0), (256,))
+  up = spec.init_up(jax.random.key(1), (128,))
+  np.testing.assert_allclose(np.mean(np.sum(np.square(down), axis=0)), 1.0, rtol=0.05)
+  np.testing.assert_allclose(np.mean(np.sum(np.square(up), axis=1)), 1.0, rtol=0.05)

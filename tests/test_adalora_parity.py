@@ -120,7 +120,7 @@ def _setup(inner):
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 def test_masks_and_singular_values_match_peft(inner):
   model, torch_opt, flax_model, frozen, trainable, jax_inner = _setup(inner)
-  tx = adalora(jax_inner, **CONFIG)
+  tx = adalora(jax_inner, **CONFIG, compat="peft")
   state = tx.init(trainable)
 
   def loss_fn(t, x, y):

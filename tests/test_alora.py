@@ -15,7 +15,6 @@ import jaxrank
 import scan_models
 
 
-
 class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
@@ -161,8 +160,25 @@ def test_full_modules_are_skipped_and_budget_shrinks_only_without_receivers():
   # every module loses a rank (n_A = 3): nobody receives, the live total shrinks by 3 (paper)
   mask = jnp.array([1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0.])
   scores = jnp.array([-9, 1, jnp.nan, jnp.nan, -8, 1, jnp.nan, jnp.nan, -7, 1, jnp.nan, jnp.nan])
-  pruned, added = _jitted_plan(mask, scores, 3, capacity)
+  pruned, added = _jitted_plan(mask, scores, 3, capacity, keep_budget=False)
   assert int(np.sum(pruned)) == 3 and int(np.sum(added)) == 0
+  # keep_budget (default): the ranks go back to the modules live this round (issue 16)
+  pruned, added = _jitted_plan(mask, scores, 3, capacity)
+  assert int(np.sum(pruned)) == 3 and int(np.sum(added)) == 3
+
+
+def test_keep_budget_fills_receivers_first_then_the_modules_that_lost_ranks():
+  capacity = 3
+  # n_A = 4: modules 0 and 1 lose 2 each; module 2 (1 free slot) receives 1, the other 3 go
+  # back to modules 1 (mean -4, first) and 0 (mean -4.3) round-robin; module 3 (never live)
+  # gets none
+  mask = jnp.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0.])
+  scores = jnp.array([-9, -8, 4, -7, -6, 1, 3, 3, jnp.nan, jnp.nan, jnp.nan, jnp.nan])
+  pruned, added = _jitted_plan(mask, scores, 4, capacity)
+  assert np.asarray(pruned).reshape(4, -1).sum(1).tolist() == [2, 2, 0, 0]
+  assert np.asarray(added).reshape(4, -1).sum(1).tolist() == [1, 2, 1, 0]
+  live = np.asarray(mask, bool) & ~np.asarray(pruned) | np.asarray(added)
+  assert live.sum() == 8
 
 
 @st.composite
@@ -179,7 +195,23 @@ def _plans(draw):
   return modules, capacity, live, np.where(live, scores, np.nan), num
 
 
-_jitted_plan = jax.jit(jaxrank.reallocation_plan, static_argnums=3)
+_jitted_plan = jax.jit(jaxrank.reallocation_plan, static_argnums=3,
+                       static_argnames="keep_budget")
+
+
+@settings(max_examples=50, deadline=None)
+@given(_plans())
+def test_keep_budget_plan_keeps_the_total_live_rank(plan):
+  modules, capacity, live, scores, num = plan
+  pruned, added = _jitted_plan(jnp.asarray(live, jnp.float32), jnp.asarray(scores, jnp.float32),
+                               num, capacity)
+  pruned, added = np.asarray(pruned), np.asarray(added)
+  assert pruned.sum() == num and added.sum() == num
+  new_live = live & ~pruned | added
+  assert new_live.sum() == live.sum()
+  grid = lambda v: v.reshape(modules, capacity)
+  assert np.all(grid(added).sum(1)[~grid(live).any(1)] == 0)  # dead modules stay dead
+  assert not np.any(added & live & ~pruned)
 
 
 @settings(max_examples=50, deadline=None)
@@ -188,7 +220,7 @@ def test_reallocation_plan_properties(plan):
   modules, capacity, live, scores, num = plan
   fn = _jitted_plan
   pruned, added = fn(jnp.asarray(live, jnp.float32), jnp.asarray(scores, jnp.float32),
-                     num, capacity)
+                     num, capacity, keep_budget=False)
   pruned, added = np.asarray(pruned), np.asarray(added)
   # exactly n_A live ranks pruned, the lowest-scoring ones
   assert pruned.sum() == num and np.all(live[pruned])
@@ -446,3 +478,46 @@ def test_multisteps_accumulation_gives_the_same_ranks_as_the_big_batch():
   for p in ("l0", "l1", "l2"):
     np.testing.assert_array_equal(_masks(t_acc)[p], after[p])
     np.testing.assert_allclose(t_acc["lora"][p]["B"], t_big["lora"][p]["B"], atol=1e-5)
+
+
+# --- issue 16: the inner optimizer never changes the mask --------------------------------------
+
+
+def _manual_loop(opt, steps=50, round_at=25):
+  model, variables, batch, loss_fn = _setup()
+  frozen, trainable = jaxrank.split_variables(variables)
+  loss_t = lambda t, b: loss_fn({**frozen, **t}, b)
+  state = opt.init(trainable)
+  step = jax.jit(lambda t, s: (lambda u_s: (optax.apply_updates(t, u_s[0]), u_s[1]))(
+      opt.update(jax.grad(loss_t)(t, batch), s, t)))
+  for i in range(steps):
+    trainable, state = step(trainable, state)
+    if i + 1 == round_at:
+      trainable, state, _, _ = jaxrank.alora_round(
+          loss_t, model, trainable, batch, rng=jax.random.key(i), num_prune=2, optimizer=opt,
+          opt_state=state)
+      masks_after_round = jax.tree.map(np.asarray, trainable["gates"])
+  return model, frozen, trainable, masks_after_round, batch
+
+
+def test_weight_decay_of_the_inner_optimizer_never_changes_the_mask():
+  """adamw's decoupled weight decay moves a 0/1 leaf (1 -> 0.95 in 50 steps); the effective
+  gate is its sign, so the function and the rank pattern stay the mask's, and a round writes
+  exact 0/1 again."""
+  opt = optax.adamw(1e-2, weight_decay=0.1)
+  model, frozen, trainable, after_round, batch = _manual_loop(opt)
+  for leaf in jax.tree.leaves(after_round):
+    assert set(np.unique(leaf)) <= {0.0, 1.0}
+  exact = {**trainable, "gates": jax.tree.map(lambda m: (m != 0).astype(m.dtype),
+                                              trainable["gates"])}
+  np.testing.assert_array_equal(model.apply({**frozen, **trainable}, batch[0]),
+                                model.apply({**frozen, **exact}, batch[0]))
+  assert (jaxrank.rank_pattern(model, trainable)
+          == jaxrank.rank_pattern(model, {**trainable, "gates": after_round}))
+
+
+def test_freeze_masks_keeps_the_mask_leaf_bit_exact():
+  opt = jaxrank.alora_freeze_masks(optax.adamw(1e-2, weight_decay=0.1))
+  _, _, trainable, after_round, _ = _manual_loop(opt)
+  for got, want in zip(jax.tree.leaves(trainable["gates"]), jax.tree.leaves(after_round)):
+    np.testing.assert_array_equal(got, want)
