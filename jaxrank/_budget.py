@@ -45,3 +45,26 @@ def top_budget_masks(scores: Sequence[jax.Array], budget) -> list[jax.Array]:
   flat = sharding.replicated(jnp.concatenate([jnp.ravel(s) for s in scores]))
   threshold = budget_threshold(flat, budget)
   return [s > threshold for s in scores]
+
+
+def exact_top_masks(scores: Sequence[jax.Array], budget, *, positive: bool = False) -> list:
+  """A bool mask per array: the ``budget`` largest scores over all arrays, exactly.
+
+  Unlike :func:`jaxrank.top_budget_masks` (PEFT's rule, ties dropped), ties are broken by
+  position, so exactly ``budget`` entries are kept (with ``positive``, only scores > 0).
+  Works under ``jit`` with a traced budget.
+
+  >>> [m.tolist() for m in exact_top_masks([jnp.array([1.0, 1.0]), jnp.array([1.0])], 2)]
+  [[True, True], [False]]
+  """
+  flat = sharding.replicated(jnp.concatenate([jnp.ravel(s) for s in scores]))
+  order = jnp.argsort(-flat, stable=True)
+  rank = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+  keep = rank < budget
+  if positive:
+    keep = jnp.logical_and(keep, flat > 0)
+  out, start = [], 0
+  for s in scores:
+    out.append(keep[start:start + s.size].reshape(s.shape))
+    start += s.size
+  return out

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrank import _sora_budget
+from jaxrank import _budget
 from jaxrank import _tree
 
 Array = jax.Array
@@ -143,7 +143,7 @@ def _harden_top(params, budget):
   """``log θ`` of every gate set to ``±HARD_LOG_THETA``: the ``budget`` largest ``log θ`` over
   all layers open (P(g > 0) of eq. 8 is monotone in ``log θ``), the rest closed; exact."""
   thetas = _tree.named_leaves(params, LOG_THETA)
-  keep = iter(_sora_budget.exact_top_masks([t.astype(jnp.float32) for t in thetas], budget))
+  keep = iter(_budget.exact_top_masks([t.astype(jnp.float32) for t in thetas], budget))
 
   def leaf(path, x):
     if not _tree.is_named_leaf(path, LOG_THETA):

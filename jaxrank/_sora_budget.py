@@ -35,15 +35,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxrank import _budget
 from jaxrank import _tree
-from jaxrank import sharding
 from jaxrank._sora import _no_gates_error
 from jaxrank._sora import _value
 from jaxrank._sora import GATE_COLLECTION
@@ -74,29 +74,6 @@ def sora_budget_schedule(capacity: int, budget: jax.typing.ArrayLike, t_init: in
     return jnp.where(jnp.asarray(t) >= t_final - 1, b, cubic).astype(jnp.int32)
 
   return schedule
-
-
-def exact_top_masks(scores: Sequence[Array], budget, *, positive: bool = False) -> list:
-  """A bool mask per array: the ``budget`` largest scores over all arrays, exactly.
-
-  Unlike :func:`jaxrank.top_budget_masks` (PEFT's rule, ties dropped), ties are broken by
-  position, so exactly ``budget`` entries are kept (with ``positive``, only scores > 0).
-  Works under ``jit`` with a traced budget.
-
-  >>> [m.tolist() for m in exact_top_masks([jnp.array([1.0, 1.0]), jnp.array([1.0])], 2)]
-  [[True, True], [False]]
-  """
-  flat = sharding.replicated(jnp.concatenate([jnp.ravel(s) for s in scores]))
-  order = jnp.argsort(-flat, stable=True)
-  rank = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
-  keep = rank < budget
-  if positive:
-    keep = jnp.logical_and(keep, flat > 0)
-  out, start = [], 0
-  for s in scores:
-    out.append(keep[start:start + s.size].reshape(s.shape))
-    start += s.size
-  return out
 
 
 class SoraBudgetState(NamedTuple):
@@ -282,7 +259,7 @@ def sora_budget(
     scores = [jnp.abs(g1.astype(jnp.float32)) * _rank_norms(leaves_s, k)
               for g1, k in zip(stepped, keys)]
     b_t = sora_budget_schedule(sum(s.size for s in scores), budget, t_init, t_final)(count)
-    keep = exact_top_masks(scores, b_t, positive=True)
+    keep = _budget.exact_top_masks(scores, b_t, positive=True)
     frozen = count >= t_final
     new = {}
     for key, g1, k, xi in zip(keys, stepped, keep, thresholds):
