@@ -12,7 +12,9 @@ import sys as _sys
 
 from jaxrank import _deprecated
 from jaxrank import checkpoint
+from jaxrank import distributed
 from jaxrank.checkpoint import CorruptCheckpointError
+from jaxrank.checkpoint import CorruptCheckpointWarning
 from jaxrank import nnx
 from jaxrank import sharding
 from jaxrank._adalora import adalora as _adalora_transform
@@ -43,6 +45,8 @@ from jaxrank._lagrangian import lagrange_multiplier
 from jaxrank._lagrangian import lagrangian_ascent
 from jaxrank._lagrangian import LagrangianAscentState
 from jaxrank._lagrangian import salora_add_loss_scale
+from jaxrank._lagrangian import UncheckedWindowWarning
+from jaxrank._nonfinite import nonfinite_total
 from jaxrank._regularizers import orthogonality_penalty
 from jaxrank._salora import salora_density
 from jaxrank._salora import salora_expected_density
@@ -87,7 +91,13 @@ from jaxrank._wrap import wrap
 from jaxrank.export import compact
 from jaxrank.export import merge
 from jaxrank.peft_io import load_peft_adapter
+from jaxrank._local_models import load_local_model
+from jaxrank._local_models import LocalModel
+from jaxrank.text_finetune import finetune_texts
+from jaxrank.text_finetune import FineTuned
 from jaxrank.peft_io import save_peft_adapter
+from jaxrank._hf_checkpoint import save_hf_checkpoint
+from jaxrank._gguf_export import save_gguf
 from jaxrank.sharding import adapter_partition_specs
 from jaxrank.sharding import data_parallel_mesh
 from jaxrank.sharding import variable_shardings
@@ -139,20 +149,27 @@ __all__ = (
     "collection_labels",
     "compact",
     "CorruptCheckpointError",
+    "CorruptCheckpointWarning",
     "count_parameters",
     "data_parallel_mesh",
     "delta_kernel",
+    "distributed",
     "effective_parameter_count",
     "find_adalora_state",
+    "finetune_texts",
+    "FineTuned",
     "join_variables",
     "lagrange_multiplier",
     "lagrangian_ascent",
     "LagrangianAscentState",
     "live_rank_total",
+    "load_local_model",
     "load_peft_adapter",
+    "LocalModel",
     "LoRA",
     "merge",
     "NonFiniteError",
+    "nonfinite_total",
     "nnx",
     "orthogonality_penalty",
     "prune_and_reallocate",
@@ -173,6 +190,8 @@ __all__ = (
     "salora_harden",
     "salora_lagrangian_term",
     "salora_penalty",
+    "save_gguf",
+    "save_hf_checkpoint",
     "save_peft_adapter",
     "sharding",
     "soft_threshold",
@@ -199,6 +218,7 @@ __all__ = (
     "tasks",
     "top_budget_masks",
     "trainable_parameter_count",
+    "UncheckedWindowWarning",
     "variable_shardings",
     "wrap",
 )

@@ -88,6 +88,7 @@ from jaxrank import _adalora_budget
 from jaxrank import _adalora_importance
 from jaxrank import _adalora_orthogonality
 from jaxrank import _budget
+from jaxrank import _nonfinite
 from jaxrank import _tree
 from jaxrank._adalora_spec import AdaLoRA
 
@@ -142,6 +143,8 @@ class AdaLoraState(NamedTuple):
     budget: the budget ``b(t)`` of the last update.
     grad_scale: the EMA ``ρ̄`` of ``RMS(∇C)`` on ``P``, ``Q`` (uncorrected; normalises the
       in-transform orthogonality term, 0 when that is off).
+    nonfinite_count: updates skipped because the gradient or the loss was not finite (the
+      scores, EMAs and pattern then stay as they were).
   """
 
   count: Array
@@ -151,6 +154,7 @@ class AdaLoraState(NamedTuple):
   rank_masks: dict
   budget: Array
   grad_scale: Array
+  nonfinite_count: Array
 
 
 def _check_int(name, value, minimum):
@@ -282,6 +286,7 @@ def adalora(
         rank_masks=masks,
         budget=jnp.asarray(init_budget, jnp.int32),
         grad_scale=jnp.zeros((), jnp.float32),
+        nonfinite_count=jnp.zeros((), jnp.int32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -360,10 +365,12 @@ def adalora(
         rank_masks=rank_masks,
         budget=budget,
         grad_scale=grad_scale,
+        nonfinite_count=state.nonfinite_count,
     )
     return _tree.replace_leaves(inner_updates, gate_updates), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # NaN scores would mask every triplet: a non-finite update changes nothing and is counted
+  return optax.GradientTransformationExtraArgs(init_fn, _nonfinite.skip_if_not_finite(update_fn))
 
 
 def find_adalora_state(state) -> AdaLoraState:

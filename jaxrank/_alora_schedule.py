@@ -28,6 +28,7 @@ import optax
 from jaxrank import _alora
 from jaxrank import _alora_reallocation
 from jaxrank import _alora_scoring
+from jaxrank import _nonfinite
 from jaxrank import _tree
 
 Array = jax.Array
@@ -106,6 +107,9 @@ class ALoRAState(NamedTuple):
   rng: Array
   last_scores: Any  # per layer path, the scores of the latest round (nan before/dead)
   inner_state: Any
+  # updates skipped for a non-finite gradient/loss, plus rounds not applied because a live
+  # rank's validation score was not finite (the masks then stay as they were)
+  nonfinite_count: Array
 
 
 def alora_check_schedule(warmup_steps: int, recovery_steps: int, num_rounds: int,
@@ -219,6 +223,7 @@ def alora(
         rng=jax.random.key(seed),
         last_scores=scores,
         inner_state=inner.init(params),
+        nonfinite_count=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None, *, validation_batch=None, **extra_args):
@@ -249,6 +254,8 @@ def alora(
       flat_scores, _ = _alora_scoring.scores_flat(loss_fn, slots, stepped, batch, chunk, limit)
       if axis_name is not None:
         flat_scores = jax.lax.pmean(flat_scores, axis_name)
+      live = slots.flatten(slots.masks(stepped)) != 0  # dead slots score NaN by design
+      scores_finite = jnp.all(jnp.where(live, jnp.isfinite(flat_scores), True))
       scores = slots.unflatten(flat_scores)
       rounded, info = _alora_reallocation.prune_and_reallocate(
           adapter, stepped, scores, num_prune=n_a, rng=key, keep_budget=keep_budget)
@@ -265,21 +272,26 @@ def alora(
         return update
 
       new_updates = jax.tree_util.tree_map_with_path(new_update, inner_updates, params, rounded)
-      return new_updates, inner_state, rng, jax.tree.map(
-          lambda s: s.astype(jnp.float32), scores)
+      applied = (new_updates, inner_state, rng, jax.tree.map(
+          lambda s: s.astype(jnp.float32), scores), jnp.ones([], bool))
+      # a NaN score must never prune a rank: the round is not applied, and counted
+      skipped = (*no_round(operand)[:4], jnp.zeros([], bool))
+      return _nonfinite.select(scores_finite, applied, skipped)
 
     def no_round(operand):
       inner_updates, inner_state, rng = operand
-      return inner_updates, inner_state, rng, state.last_scores
+      return inner_updates, inner_state, rng, state.last_scores, jnp.zeros([], bool)
 
-    new_updates, inner_state, rng, scores = jax.lax.cond(
+    new_updates, inner_state, rng, scores, applied = jax.lax.cond(
         is_round, do_round, no_round, (inner_updates, inner_state, state.rng))
     return new_updates, ALoRAState(
         count=count,
-        rounds_done=state.rounds_done + is_round.astype(jnp.int32),
+        rounds_done=state.rounds_done + applied.astype(jnp.int32),
         rng=rng,
         last_scores=scores,
         inner_state=inner_state,
+        nonfinite_count=state.nonfinite_count + (is_round & ~applied).astype(jnp.int32),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # a non-finite gradient or loss changes nothing (masks, scores, round counter) and is counted
+  return optax.GradientTransformationExtraArgs(init_fn, _nonfinite.skip_if_not_finite(update_fn))

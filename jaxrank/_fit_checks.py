@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional
 
-import jax
 import numpy as np
 
 NAN_HINT = ("Lower the learning rate (or add warmup / gradient clipping) and check the data "
@@ -80,18 +79,12 @@ def check_eval_data(train_data: Mapping[str, np.ndarray], data: Mapping[str, np.
           f"ALoRA.")
 
 
-def all_finite(tree) -> bool:
-  """Whether every inexact leaf of ``tree`` is finite (read on the host)."""
-  leaves = [x for x in jax.tree.leaves(tree)
-            if hasattr(x, "dtype") and np.issubdtype(np.dtype(x.dtype), np.inexact)]
-  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.device_get(leaves))
-
-
 def non_finite_loss(step: int, loss: float, state, history) -> NonFiniteError:
   """The error for a non-finite training loss at ``step`` (``state``: the last finite one)."""
   return NonFiniteError(
-      f"fit: the training loss is {loss} at step {step}; stopped before any rank decision "
-      f"is taken from it. {NAN_HINT} The error's .state holds the last state with finite values "
+      f"fit: step {step} is not finite (the training loss is {loss}, or a gradient or a "
+      f"method's scores are NaN/inf); stopped before any rank decision is taken from it, the "
+      f"step not applied. {NAN_HINT} The error's .state holds the last state with finite values "
       f"(after step {int(state.step)}).", step=step, state=state, history=history)
 
 

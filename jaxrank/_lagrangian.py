@@ -22,7 +22,8 @@ Example:
   >>> import jax.numpy as jnp, optax, jaxrank
   >>> params = jaxrank.add_lagrange_multiplier({"gates": {"log_theta": jnp.zeros(2)}})
   >>> grads = {"gates": {"log_theta": jnp.ones(2), "lagrange_multiplier": jnp.asarray(0.5)}}
-  >>> tx = jaxrank.lagrangian_ascent(2.0, optax.sgd(0.1), t_start=0, t_end=1)
+  >>> tx = jaxrank.lagrangian_ascent(2.0, optax.sgd(0.1), t_start=0, t_end=1,
+  ...                                 total_steps=2)
   >>> updates, state = tx.update(grads, tx.init(params), params)
   >>> params = optax.apply_updates(params, updates)
   >>> float(jaxrank.lagrange_multiplier(params))
@@ -36,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import chex
@@ -45,6 +47,7 @@ import numpy as np
 import optax
 
 from jaxrank import _budget
+from jaxrank import _nonfinite
 from jaxrank import _tree
 
 Array = jax.Array
@@ -109,6 +112,10 @@ def lagrange_multiplier(variables) -> Array:
 
 
 # --- the optimizer --------------------------------------------------------------------------
+class UncheckedWindowWarning(UserWarning):
+  """:func:`lagrangian_ascent` got ``t_end`` but no ``total_steps`` to check it against."""
+
+
 class LagrangianAscentState(NamedTuple):
   """State of :func:`lagrangian_ascent`.
 
@@ -118,12 +125,15 @@ class LagrangianAscentState(NamedTuple):
     gate_state: the gate optimizer's state (``log θ`` only); it advances only on steps inside
       ``[t_start, t_end)``, so the first step of a late window is a first step.
     loss_ema: EMA of the task loss ``value`` (0 without ``value``).
+    nonfinite_count: updates skipped because the gradient or the loss was not finite (λ and
+      ``log θ`` then stay as they were).
   """
 
   count: chex.Array
   inner_state: optax.OptState
   gate_state: optax.OptState = ()
   loss_ema: chex.Array = 0.0
+  nonfinite_count: chex.Array = 0
 
 
 def _leaf_name(keypath) -> Optional[str]:
@@ -206,11 +216,18 @@ def lagrangian_ascent(
   concrete = [_is_concrete_number(t) for t in (t_start, t_end)]
   if concrete[0] and int(t_start) < 0:
     raise ValueError(f"t_start must be >= 0, got {t_start!r}.")
-  if all(concrete) and int(t_start) > int(t_end):
+  if all(concrete) and int(t_start) >= int(t_end):
     raise ValueError(
-        f"t_start ({t_start}) is after t_end ({t_end}): the window [t_start, t_end) in which "
-        "log θ and λ are trained must satisfy t_start <= t_end."
+        f"t_start ({t_start}) is not before t_end ({t_end}): the window [t_start, t_end) in "
+        "which log θ and λ are trained would be empty, so the gates would never train. Use "
+        "t_start < t_end."
     )
+  if total_steps is None and concrete[1]:
+    warnings.warn(
+        f"lagrangian_ascent: t_end={t_end} is given without total_steps, so nothing checks "
+        "that the gate window ends before training does (past the end, the gates are never "
+        "hardened and λ never settles). Pass total_steps=<optimizer steps of the run>.",
+        UncheckedWindowWarning, stacklevel=2)
   if total_steps is not None:
     if int(total_steps) <= 0:
       raise ValueError(f"total_steps must be positive, got {total_steps!r}.")
@@ -232,7 +249,8 @@ def lagrangian_ascent(
 
   def init_fn(params):
     return LagrangianAscentState(jnp.zeros([], jnp.int32), inner.init(params),
-                                 gate_tx.init(params), jnp.zeros([], jnp.float32))
+                                 gate_tx.init(params), jnp.zeros([], jnp.float32),
+                                 jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -282,6 +300,6 @@ def lagrangian_ascent(
                               lambda q: q, stepped)
       new_updates = jax.tree.map(lambda h, p: (h - p).astype(p.dtype), hardened, params)
     return new_updates, LagrangianAscentState(optax.safe_increment(count), inner_state,
-                                              gate_state, loss_ema)
+                                              gate_state, loss_ema, state.nonfinite_count)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _nonfinite.skip_if_not_finite(update_fn))

@@ -49,6 +49,14 @@ class Gate(nnx.Variable):
   """
 
 
+class LoRAGate(nnx.LoRAParam, Gate):
+  """A :class:`Gate` that is also an ``nnx.LoRAParam``: for trainers that train exactly
+  ``wrt=nnx.LoRAParam`` (tunix's ``PeftTrainer``), ``jaxrank.nnx.wrap(..., gate_type=LoRAGate)``.
+
+  ``Gate`` and ``jaxrank.nnx.TRAINABLE`` still select it; ``jaxrank.nnx.BASE`` leaves it out.
+  """
+
+
 class Factors(nnx.Module):
   """Holds an adapted layer's ``A``/``B`` (or ``P``/``Q``) ``nnx.LoRAParam``s."""
 
@@ -84,6 +92,7 @@ def _rng_for(path: str):
       return None
     return flax_scope.LazyRng.create(key, *names, 1).as_jax_rng()  # Linen's make_rng key
 
+  rng_for.has = lambda name: name in keys
   return rng_for
 
 
@@ -184,8 +193,9 @@ def _factor_metadata(kernel: nnx.Variable, n_in: int, down: bool) -> dict[str, A
   return out
 
 
-def adapt_layer(layer: nnx.Module, path: str, adapter: _adapter.LoRA, rngs: nnx.Rngs) -> None:
-  """Adapts one linear ``layer`` (at ``/``-joined ``path``) in place."""
+def adapt_layer(layer: nnx.Module, path: str, adapter: _adapter.LoRA, rngs: nnx.Rngs,
+                gate_type: type = Gate) -> None:
+  """Adapts one linear ``layer`` (at ``/``-joined ``path``) in place; gates are ``gate_type``."""
   if isinstance(layer, _AdapterMixin):
     raise ValueError(f"layer {path!r} already has a jaxrank adapter.")
   _check_supported(layer, path)
@@ -202,10 +212,18 @@ def adapt_layer(layer: nnx.Module, path: str, adapter: _adapter.LoRA, rngs: nnx.
   layer.gates = Gates()
   if adapter.gate_names:
     for name, value in adapter.init_gates(rngs.params()).items():
-      setattr(layer.gates, name, Gate(jnp.asarray(value)))
+      setattr(layer.gates, name, gate_type(jnp.asarray(value)))
   layer._jaxrank_adapter = adapter
   layer._jaxrank_path = path
 
 
 def is_adapted(module: Any) -> bool:
   return isinstance(module, _AdapterMixin)
+
+
+def gate_type_of(model: nnx.Module) -> type:
+  """The Variable type of ``model``'s gates (:class:`Gate` when it has none yet)."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, Gate):
+      return type(node)
+  return Gate

@@ -12,7 +12,8 @@ An NNX task is a :class:`jaxrank.tasks.Task` whose ``apply`` takes the model its
 :func:`jaxrank.models.llama_nnx.causal_lm_task`.
 
 Not covered (use :func:`jaxrank.train.fit` on Linen for these): a separately trained task
-head, meshes, checkpoints, periodic evaluation callbacks.
+head, meshes, periodic evaluation callbacks. For checkpoints and resuming, write the loop
+with :func:`setup` and :func:`jaxrank.nnx.save_checkpoint`/:func:`jaxrank.nnx.restore_checkpoint`.
 
 Example:
   >>> import jax, jax.numpy as jnp, numpy as np
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +104,7 @@ def prepare(model: nnx.Module, recipe: Recipe) -> nnx.Module:
     raise ValueError(f"recipe {recipe.name!r} adds collections {sorted(extra)}, which "
                      "jaxrank.nnx.fit cannot hold.")
   old_gates = before.get("gates", {})
+  gate_type = _nnx_layers.gate_type_of(model)
   for name, value in after.get("gates", {}).items():
     if name in old_gates:
       continue
@@ -111,7 +113,7 @@ def prepare(model: nnx.Module, recipe: Recipe) -> nnx.Module:
                        "adapted layer.")
     if not isinstance(getattr(model, "gates", None), _nnx_layers.Gates):
       model.gates = _nnx_layers.Gates()
-    setattr(model.gates, name, _nnx_layers.Gate(jnp.asarray(value)))
+    setattr(model.gates, name, gate_type(jnp.asarray(value)))
   return jnnx.from_linen_variables(model, after)
 
 
@@ -184,6 +186,54 @@ def make_train_step(recipe: Recipe, task: _tasks.Task, live: Optional[dict] = No
   return train_step
 
 
+class Training(NamedTuple):
+  """What :func:`setup` returns: everything a training loop over ``model`` needs.
+
+  Attributes:
+    recipe: the recipe (built from its name when a string was passed).
+    optimizer: ``nnx.Optimizer(model, jaxrank.nnx.transform(recipe tx), wrt=TRAINABLE)``.
+    train_step: the jitted ``train_step(model, optimizer, batch, step_key) -> task_loss``.
+    key: the rng key of the step chain (``key, step_key = jax.random.split(key)`` per step).
+  """
+
+  recipe: Recipe
+  optimizer: nnx.Optimizer
+  train_step: Callable
+  key: jax.Array
+
+
+def setup(model: nnx.Module, recipe: Union[Recipe, str], task: _tasks.Task, *, steps: int,
+          learning_rate: float = 5e-4, targets: Any = "all-linear", seed: int = 0,
+          validation_batch: Optional[Mapping[str, np.ndarray]] = None) -> Training:
+  """Adapts ``model`` in place for ``recipe`` and builds its optimizer and jitted step.
+
+  The same set-up as :func:`fit` (which calls it), for a loop of your own, e.g. one that
+  checkpoints with :func:`jaxrank.nnx.save_checkpoint` and resumes. ``validation_batch`` is
+  ALoRA's scoring batch (``fit`` takes the first batch of ``eval_data``).
+  """
+  from jaxrank import nnx as jnnx
+  if isinstance(recipe, str):
+    from jaxrank import recipes
+    recipe = recipes.recipe(recipe, total_steps=steps)
+  if recipe.adapter is None:
+    raise ValueError("jaxrank.nnx.fit trains adapters; the frozen recipe has none.")
+  if steps <= 0:
+    raise ValueError(f"steps must be positive, got {steps}")
+  key_init, key_train = jax.random.split(jax.random.key(seed))
+  jnnx.wrap(model, recipe.targets if recipe.targets is not None else targets, recipe.adapter,
+            rngs=nnx.Rngs(params=key_init))
+  prepare(model, recipe)
+  live: dict = {}
+  ctx = RecipeContext(
+      model=model, total_steps=steps, learning_rate=learning_rate,
+      schedule=warmup_linear_schedule(learning_rate, steps),
+      loss_fn=_trainable_loss_fn(task, live), validation_batch=validation_batch,
+      num_matrices=len(jnnx.adapted_layers(model)))
+  optimizer = nnx.Optimizer(model, jnnx.transform(recipe.optimizer(ctx)), wrt=jnnx.TRAINABLE)
+  return Training(recipe=recipe, optimizer=optimizer,
+                  train_step=make_train_step(recipe, task, live), key=key_train)
+
+
 def fit(model: nnx.Module, recipe: Union[Recipe, str], task: _tasks.Task, *,
         train_data: Mapping[str, np.ndarray], eval_data: Optional[Mapping[str, np.ndarray]] = None,
         steps: int = 100, batch_size: int = 16, eval_batch_size: Optional[int] = None,
@@ -205,28 +255,14 @@ def fit(model: nnx.Module, recipe: Union[Recipe, str], task: _tasks.Task, *,
   """
   from jaxrank import nnx as jnnx
   start = time.perf_counter()
-  if isinstance(recipe, str):
-    from jaxrank import recipes
-    recipe = recipes.recipe(recipe, total_steps=steps)
-  if recipe.adapter is None:
-    raise ValueError("jaxrank.nnx.fit trains adapters; the frozen recipe has none.")
   if steps <= 0 or batch_size <= 0:
     raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
   eval_batch_size = eval_batch_size or batch_size
-  key_init, key_train = jax.random.split(jax.random.key(seed))
-  jnnx.wrap(model, recipe.targets if recipe.targets is not None else targets, recipe.adapter,
-            rngs=nnx.Rngs(params=key_init))
-  prepare(model, recipe)
-
-  live: dict = {}
-  ctx = RecipeContext(
-      model=model, total_steps=steps, learning_rate=learning_rate,
-      schedule=warmup_linear_schedule(learning_rate, steps),
-      loss_fn=_trainable_loss_fn(task, live),
-      validation_batch=next(eval_batches(eval_data, batch_size)) if eval_data is not None else None,
-      num_matrices=len(jnnx.adapted_layers(model)))
-  optimizer = nnx.Optimizer(model, jnnx.transform(recipe.optimizer(ctx)), wrt=jnnx.TRAINABLE)
-  train_step = make_train_step(recipe, task, live)
+  training = setup(model, recipe, task, steps=steps, learning_rate=learning_rate,
+                   targets=targets, seed=seed,
+                   validation_batch=(next(eval_batches(eval_data, batch_size))
+                                     if eval_data is not None else None))
+  recipe, optimizer, train_step = training.recipe, training.optimizer, training.train_step
   eval_step = make_eval_step(task)
 
   history, final = [], {}
@@ -235,7 +271,7 @@ def fit(model: nnx.Module, recipe: Union[Recipe, str], task: _tasks.Task, *,
     history.append({"step": 0, "train_loss": None, **{f"eval_{k}": v for k, v in metrics.items()}})
   iterator = batches(train_data, batch_size, seed=seed)
   bar = _progress.Bar(steps, recipe.name, progress)
-  losses, key = [], key_train
+  losses, key = [], training.key
   try:
     for step in range(1, steps + 1):
       key, step_key = jax.random.split(key)

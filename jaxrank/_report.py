@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -22,18 +23,33 @@ import numpy as np
 def run_one(setup, method, *, steps: int, batch_size: int, learning_rate: float,
             head_learning_rate: Optional[float], eval_every: int, seed: int,
             output_dir: Optional[Path], progress: bool = True, checkpoint: bool = True,
-            eval_at_start: bool = False, mesh=None):
+            eval_at_start: bool = False, mesh=None, fit_options: Optional[dict] = None,
+            extra_config: Optional[dict] = None):
   """Trains ``method`` (a :class:`jaxrank.Recipe`) on ``setup``; writes ``metrics.json``, the
-  rank heatmap, the checkpoint and the adapter under ``output_dir``.
+  rank heatmap, the checkpoint and the adapter under ``output_dir``, and every periodic
+  evaluation (metrics, step time, rank pattern) as one line of ``metrics.jsonl`` beside the
+  checkpoint. ``fit_options`` go to :func:`jaxrank.train.fit` (the set-up's bucket lengths
+  are the default of ``bucket_lengths``); ``extra_config`` into the adapter's config.
 
   A non-finite loss (:class:`jaxrank.NonFiniteError`) is re-raised after the last finite
   state was saved as the checkpoint (with ``checkpoint`` on); no adapter is written then.
   """
   from jaxrank import train
 
+  log = None
+  if output_dir is not None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log = output_dir / "metrics.jsonl"
+    log.write_text("")
+
   def on_eval(step, record, state):
+    if log is not None:
+      with log.open("a") as f:
+        f.write(json.dumps(record) + "\n")
     if checkpoint and output_dir is not None:
       train.save_checkpoint(output_dir / "checkpoint", state)
+
+  options = {"bucket_lengths": getattr(setup, "bucket_lengths", None), **(fit_options or {})}
 
   try:
     result = train.fit(
@@ -41,7 +57,8 @@ def run_one(setup, method, *, steps: int, batch_size: int, learning_rate: float,
         eval_data=setup.eval_data, test_data=setup.test_data, steps=steps,
         batch_size=batch_size, eval_every=eval_every, learning_rate=learning_rate,
         head_learning_rate=head_learning_rate, head=setup.head, targets=setup.targets,
-        seed=seed, progress=progress, on_eval=on_eval, eval_at_start=eval_at_start, mesh=mesh)
+        seed=seed, progress=progress, on_eval=on_eval, eval_at_start=eval_at_start, mesh=mesh,
+        **options)
   except train.NonFiniteError as error:
     if checkpoint and output_dir is not None and int(error.state.step) > 0:
       path = train.save_checkpoint(output_dir / "checkpoint", error.state)
@@ -49,11 +66,27 @@ def run_one(setup, method, *, steps: int, batch_size: int, learning_rate: float,
                     f"is saved in the checkpoint {path}.",)
     raise
   if output_dir is not None:
-    _write_results(result, output_dir, checkpoint)
+    if result.history:  # the final evaluation, as the last line
+      with log.open("a") as f:
+        f.write(json.dumps(result.history[-1]) + "\n")
+    _write_results(result, output_dir, checkpoint, extra_config)
   return result
 
 
-def _write_results(result, output_dir: Path, checkpoint: bool):
+def _write_results(result, output_dir: Path, checkpoint: bool,
+                   extra_config: Optional[dict] = None):
+  from jaxrank import distributed, train
+  if checkpoint:  # every process of a multi-process job: orbax writes each one's shards
+    train.save_checkpoint(output_dir / "checkpoint", result.state)
+  if result.state is not None and distributed.is_multi_process():
+    result = dataclasses.replace(  # host copies for the files that process 0 alone writes
+        result, variables=distributed.fetch(result.variables),
+        state=result.state._replace(trainable=distributed.fetch(result.state.trainable)))
+  distributed.write_once("jaxrank_results", lambda: _write_files(result, output_dir,
+                                                                 extra_config))
+
+
+def _write_files(result, output_dir: Path, extra_config: Optional[dict]):
   from jaxrank import plots, train  # plots needs matplotlib
   method = result.method
   output_dir.mkdir(parents=True, exist_ok=True)
@@ -62,15 +95,13 @@ def _write_results(result, output_dir: Path, checkpoint: bool):
              "trainable_parameters": result.trainable_parameters,
              "head_parameters": result.head_parameters, "wall_time_s": result.wall_time,
              "live_ranks_before_finalize": result.live_ranks_before_finalize,
-             "history": result.history}
+             "history": result.history, **(extra_config or {})}
   (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
   if result.rank_pattern:
     plots.rank_heatmap(result.rank_pattern, output_dir / "rank_heatmap.png",
                        title=f"{method.name}: learned rank per matrix",
                        max_rank=method.adapter.rank)
-  if checkpoint:
-    train.save_checkpoint(output_dir / "checkpoint", result.state)
-  train.export_adapter(result, output_dir / "adapter")
+  train.export_adapter(result, output_dir / "adapter", extra_config=extra_config)
 
 
 def total_rank(pattern) -> int:

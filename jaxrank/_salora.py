@@ -57,7 +57,7 @@ Example:
   ...   v = jaxrank.join_variables(frozen, trainable)
   ...   y = model.apply(v, jnp.ones((2, 3)), rngs={"hard_concrete": key})
   ...   return jnp.mean(y ** 2) + jaxrank.salora_penalty(model, v, target_density=0.5)
-  >>> tx = jaxrank.lagrangian_ascent(0.1, optax.adam(1e-2), t_start=0, t_end=10)
+  >>> tx = jaxrank.lagrangian_ascent(0.1, optax.adam(1e-2), t_start=0, t_end=10, total_steps=10)
   >>> state = tx.init(trainable)
   >>> grads = jax.grad(loss_fn)(trainable, jax.random.key(1))
   >>> updates, state = tx.update(grads, state, trainable)
@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar, Mapping
+from typing import ClassVar, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +167,13 @@ class SaLoRA(_adapter.LoRA):
   def gate(self, gates: Mapping[str, Array], rng_for) -> Array:
     rng = rng_for(self.rng_name)
     if rng is None:
+      has = getattr(rng_for, "has", lambda name: False)
+      if has("dropout"):  # a training call (Flax convention) that forgot the gate stream
+        raise ValueError(
+            f"SaLoRA: this apply passes a 'dropout' rng (training) but no {self.rng_name!r} "
+            f"rng, so the hard-concrete gates would be deterministic and log θ would get no "
+            f"task gradient. Pass rngs={{'dropout': key1, {self.rng_name!r}: key2}} while "
+            f"training (jaxrank.train does); evaluate with neither.")
       return self.deterministic_gate(gates[LOG_THETA])
     return self.sample(gates[LOG_THETA], rng)
 
@@ -274,7 +281,7 @@ def salora_penalty(
     model,
     variables,
     *,
-    target_density: jax.typing.ArrayLike,
+    target_density: Optional[jax.typing.ArrayLike],
     orthogonality_weight: jax.typing.ArrayLike = 0.1,
     form: str = "parameters",
     orthogonality_form: str = "paper",
@@ -283,14 +290,15 @@ def salora_penalty(
 
   ``R_orth`` is eq. 9 (:func:`jaxrank.orthogonality_penalty`), ``C(Θ)`` is eq. 11
   (:func:`salora_expected_density`), ``λ`` is read from ``gates/lagrange_multiplier`` (see
-  :func:`add_lagrange_multiplier`; without it the Lagrangian term is left out) and the sum is
+  :func:`add_lagrange_multiplier`; without it a ``ValueError`` names the fix) and the sum is
   eq. 12 minus the task loss. With a ``gates/loss_scale`` leaf (:func:`salora_add_loss_scale`,
   jaxrank's normalisation) the sum is multiplied by that task-loss EMA ``L̄`` (no gradient).
 
   Args:
     model: the wrapped model.
     variables: full variables, or ``join_variables(frozen, trainable)``.
-    target_density: ``b`` in (0, 1] (in (0, K] for ``form="as_written"``).
+    target_density: ``b`` in (0, 1] (in (0, K] for ``form="as_written"``); ``None`` leaves
+      the density constraint out (the orthogonality term alone, no multiplier needed).
     orthogonality_weight: β (the paper's value is not known; 0.1 as AdaLoRA's original code).
     form: the reading of eq. 11, see :func:`salora_expected_density`.
     orthogonality_form: ``"paper"`` (squared, summed) or ``"peft"``, see
@@ -299,12 +307,21 @@ def salora_penalty(
   _check_form(form)
   spec = _salora_spec(model)
   upper = 1.0 if form == "parameters" else float(_tree.num_matrices(spec, variables))
-  _check_target(target_density, upper)
+  if target_density is not None:
+    _check_target(target_density, upper)
   total = orthogonality_weight * _regularizers.orthogonality_penalty(
       spec, variables, form=orthogonality_form
   )  # eq. 9
   gates = variables.get("gates", {})
-  if LAGRANGE_MULTIPLIER in gates:
+  if target_density is not None and LAGRANGE_MULTIPLIER not in gates:
+    raise ValueError(
+        f"salora_penalty: the variables have no gates/{LAGRANGE_MULTIPLIER}, so the density "
+        f"constraint λ (C − b)² for target_density={target_density!r} would be silently "
+        f"dropped. Add it before building the optimizer state: "
+        f"variables = jaxrank.add_lagrange_multiplier(variables) (NNX: "
+        f"jaxrank.nnx.add_lagrange_multiplier(model)); or pass target_density=None for the "
+        f"orthogonality term alone.")
+  if target_density is not None:
     c = salora_expected_density(spec, variables, form=form)
     total = total + salora_lagrangian_term(c, gates[LAGRANGE_MULTIPLIER], target_density)  # eq. 12
   if LOSS_SCALE in gates:

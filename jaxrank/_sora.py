@@ -53,14 +53,17 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Mapping, NamedTuple, Optional, Union
+from typing import Any, ClassVar, Mapping, NamedTuple, Optional, Union
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxrank import _adapter
+from jaxrank import _nonfinite
+from jaxrank import _runtime_errors
 from jaxrank import _tree
 from jaxrank import _variables
 
@@ -161,10 +164,44 @@ def _value(hyper: ScalarOrSchedule, count: Array) -> Array:
 
 
 # --- the proximal transform ---------------------------------------------------------------------
+def _raise_if_misused(params, state, lam_t, learning_rate, collection, gate_name) -> None:
+  """Loud errors for what only traced values show: a negative ``λ(t)`` or ``η_t``, and a gate
+  that this transform set to 0 at the last step but is nonzero now (the prox was not last)."""
+  _runtime_errors.raise_if(
+      jnp.any(lam_t < 0), ValueError,
+      "sora_prox: lam is {} at step {}; λ must be >= 0 at every step (a negative λ pushes "
+      "gates away from zero). Fix the array or schedule given as lam.", lam_t, state.count)
+  if learning_rate is not None:
+    eta = _value(learning_rate, state.count)
+    _runtime_errors.raise_if(
+        jnp.any(eta < 0), ValueError,
+        "sora_prox: learning_rate is {} at step {}; η_t must be >= 0 (it is the gate's step "
+        "size in the threshold η_t·λ).", eta, state.count)
+  gates = _tree.named_leaves(params, gate_name, collection)
+  if len(state.last_gates) == len(gates):
+    revived = [jnp.any((last == 0) & (g != 0)) for last, g in zip(state.last_gates, gates)]
+    _runtime_errors.raise_if(
+        jnp.any(jnp.stack(revived)) if revived else False, ValueError,
+        "sora_prox must be the last transform of the chain, after the optimizer: "
+        "optax.chain(optax.adamw(lr), jaxrank.sora_prox(lam, lr)). At step {} a gate it set "
+        "to exactly 0 at the previous step is nonzero, so a transform after it rescaled its "
+        "update (e.g. sora_prox placed before the optimizer).", state.count)
+
+
 class SoraProxState(NamedTuple):
-  """The optimizer step count (for ``lam``/``learning_rate`` schedules)."""
+  """State of :func:`sora_prox`.
+
+  Attributes:
+    count: optimizer steps taken (for ``lam``/``learning_rate`` schedules).
+    nonfinite_count: updates skipped because their input was not finite.
+    last_gates: the gates this transform produced at its last step (tree order): a gate it
+      set to exactly 0 must still be 0 at the next step, else a transform after it changed
+      its update (``sora_prox`` placed before the optimizer) and the step raises.
+  """
 
   count: chex.Array
+  nonfinite_count: chex.Array
+  last_gates: Any = ()
 
 
 def sora_prox(
@@ -220,13 +257,17 @@ def sora_prox(
         "threshold use compat='official'."
     )
   for name, value in (("lam", lam), ("learning_rate", learning_rate)):
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-      raise ValueError(f"{name} must be non-negative, got {value!r}.")
+    if (value is not None and not callable(value) and not isinstance(value, jax.core.Tracer)
+        and np.any(np.asarray(value) < 0)):
+      raise ValueError(f"sora_prox: {name} must be non-negative, got {value!r}.")
+  # negative values of a schedule (known only per step) raise inside the step
 
   def init_fn(params):
     if not _tree.named_leaves(params, gate_name, collection):
       raise _no_gates_error("sora_prox.init", collection, gate_name)
-    return SoraProxState(count=jnp.zeros([], jnp.int32))
+    gates = _tree.named_leaves(params, gate_name, collection)
+    return SoraProxState(count=jnp.zeros([], jnp.int32), nonfinite_count=jnp.zeros([], jnp.int32),
+                         last_gates=[jnp.asarray(g) for g in gates])
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -236,13 +277,14 @@ def sora_prox(
           "(the prox maps g_t + u_t, so it must see g_t)."
       )
     lam_t = _value(lam, state.count)
+    _raise_if_misused(params, state, lam_t, learning_rate, collection, gate_name)
     if compat is None:
       threshold = _value(learning_rate, state.count) * lam_t  # ξ = η_t·λ (eq. 10)
       prox = soft_threshold
     else:
       threshold = lam_t  # constant ξ, not scaled by the learning rate (official code)
       prox = sora_official_threshold
-    found = []
+    found, produced = [], []
 
     def leaf(path, update, param):
       if update is None or not _tree.is_named_leaf(path, gate_name, collection):
@@ -250,6 +292,7 @@ def sora_prox(
       found.append(path)
       stepped = param + update.astype(param.dtype)
       new_gate = prox(stepped, threshold)  # g_{t+1} = T_{η_t·λ}(g_t + u_t)  (eq. 10-11)
+      produced.append(new_gate)
       return (new_gate - param).astype(update.dtype)
 
     new_updates = jax.tree_util.tree_map_with_path(
@@ -257,9 +300,11 @@ def sora_prox(
     )
     if not found:
       raise _no_gates_error("sora_prox.update", collection, gate_name)
-    return new_updates, SoraProxState(count=optax.safe_increment(state.count))
+    return new_updates, state._replace(count=optax.safe_increment(state.count),
+                                       last_gates=produced)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # a non-finite update leaves every gate as it was (never a zero from NaN) and is counted
+  return optax.GradientTransformationExtraArgs(init_fn, _nonfinite.skip_if_not_finite(update_fn))
 
 
 def sora_l1_penalty(
@@ -308,7 +353,9 @@ def sora_optimizer(
     ``optax.adam``'s bias-corrected denominator ``sqrt(v̂) + ε``; transformers' AdamW uses
     ``sqrt(v) + ε`` and corrects the step size instead, a difference of order ε.)
 
-  ``params`` always gets ``optax.set_to_zero()``.
+  ``params`` always gets ``optax.set_to_zero()``. The whole optimizer is inside
+  ``optax.apply_if_finite``: a step with a non-finite gradient changes nothing and is counted
+  (:func:`jaxrank.nonfinite_total`).
 
   >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, jaxrank
   >>> model = jaxrank.wrap(nn.Dense(2), adapter=SoRA(rank=2))
@@ -333,4 +380,6 @@ def sora_optimizer(
   )
   if max_grad_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
-  return optax.with_extra_args_support(tx)
+  # a non-finite gradient changes nothing (factors, gates, moments) and is counted
+  return optax.with_extra_args_support(
+      optax.apply_if_finite(tx, max_consecutive_errors=_nonfinite.NEVER_GIVE_UP))

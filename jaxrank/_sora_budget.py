@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrank import _budget
+from jaxrank import _nonfinite
 from jaxrank import _tree
 from jaxrank._sora import _no_gates_error
 from jaxrank._sora import _value
@@ -85,6 +86,7 @@ class SoraBudgetState(NamedTuple):
     loss_ema_debias: ``1 − decay^t`` (Adam-style bias correction of ``loss_ema``).
     grad_sq: per gate leaf (tree order), EMA of the squared gate gradient.
     inner_state: the inner optimizer's state.
+    nonfinite_count: updates skipped because the gradient or the loss was not finite.
   """
 
   count: chex.Array
@@ -92,6 +94,7 @@ class SoraBudgetState(NamedTuple):
   loss_ema_debias: chex.Array
   grad_sq: Any
   inner_state: optax.OptState
+  nonfinite_count: chex.Array
 
 
 def _gate_keys(tree, collection: Optional[str], gate_name: str) -> list:
@@ -210,7 +213,8 @@ def sora_budget(
       raise _no_gates_error("sora_budget.init", collection, gate_name)
     return SoraBudgetState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32),
                            jnp.zeros([], jnp.float32),
-                           [jnp.zeros_like(g, jnp.float32) for g in gates], inner.init(params))
+                           [jnp.zeros_like(g, jnp.float32) for g in gates], inner.init(params),
+                           jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -271,6 +275,6 @@ def sora_budget(
       new[key] = jnp.where(pruning, pruned, jnp.where(frozen, recovered, g1)) - p
     new_updates = _tree.replace_leaves(inner_updates, new)
     return new_updates, SoraBudgetState(optax.safe_increment(count), loss_ema, debias,
-                                        grad_sq, inner_state)
+                                        grad_sq, inner_state, state.nonfinite_count)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _nonfinite.skip_if_not_finite(update_fn))

@@ -47,6 +47,7 @@ import optax
 
 from jaxrank import _adapter
 from jaxrank import _budget
+from jaxrank import _nonfinite
 from jaxrank import _tree
 
 Array = jax.Array
@@ -72,10 +73,12 @@ class SVDTruncation(_adapter.LoRA):
 
 
 class SvdTruncationState(NamedTuple):
-  """The optimizer step count and the inner optimizer's state."""
+  """The optimizer step count, the inner optimizer's state and the updates skipped because
+  their input was not finite."""
 
   count: chex.Array
   inner_state: optax.OptState
+  nonfinite_count: chex.Array
 
 
 def _layers(tree):
@@ -156,7 +159,8 @@ def svd_truncation(
     if not _layers(params)[1]:
       raise ValueError("svd_truncation needs lora/<path>/A and gates/<path>/mask leaves "
                        "(an SVDTruncation adapter).")
-    return SvdTruncationState(jnp.zeros([], jnp.int32), inner.init(params))
+    return SvdTruncationState(jnp.zeros([], jnp.int32), inner.init(params),
+                              jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -170,6 +174,7 @@ def svd_truncation(
     fresh = inner.init(new)
     inner_state = jax.tree.map(lambda f, s: jnp.where(cut, f, s), fresh, inner_state)
     new_updates = jax.tree.map(lambda n, p: (n - p).astype(p.dtype), new, params)
-    return new_updates, SvdTruncationState(optax.safe_increment(state.count), inner_state)
+    return new_updates, SvdTruncationState(optax.safe_increment(state.count), inner_state,
+                                           state.nonfinite_count)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _nonfinite.skip_if_not_finite(update_fn))

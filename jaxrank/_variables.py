@@ -93,8 +93,20 @@ def effective_parameter_count(model_or_adapter, variables: Variables) -> int:
   return total
 
 
+# scalars that live in ``gates`` but are method state, not trained parameters: SaLoRA's
+# Lagrange multiplier λ (set by projected ascent) and its task-loss EMA (jaxrank._lagrangian)
+METHOD_STATE_LEAVES = ("lagrange_multiplier", "loss_scale")
+
+
 def trainable_parameter_count(variables: Variables) -> int:
-  """Scalars in ``lora`` and ``gates`` (what the optimizer trains)."""
-  counts = count_parameters(variables)
-  return sum(counts.get(c, 0) for c in TRAINABLE_COLLECTIONS)
+  """Scalars in ``lora`` and ``gates`` that the optimizer trains: SaLoRA's Lagrange multiplier
+  and loss-scale EMA (:data:`METHOD_STATE_LEAVES`) are method state and not counted."""
+  plain = _tree.plain(variables)
+  total = 0
+  for collection in TRAINABLE_COLLECTIONS:
+    tree = plain.get(collection, {})
+    if collection == "gates" and isinstance(tree, Mapping):
+      tree = {k: v for k, v in tree.items() if k not in METHOD_STATE_LEAVES}
+    total += int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+  return total
 

@@ -107,6 +107,7 @@ def _rng_for(module: nn.Module):
   def rng_for(name: str):
     return module.make_rng(name) if module.scope.has_rng(name) else None
 
+  rng_for.has = module.scope.has_rng  # asks without drawing a key
   return rng_for
 
 

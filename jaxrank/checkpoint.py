@@ -8,9 +8,11 @@ Each save goes to a temporary folder that orbax renames into place only when com
 save interrupted midway leaves the previous checkpoint intact and loadable.
 
 Integrity: after orbax finished a save, process 0 writes ``jaxrank_checksums.json`` into the
-step's folder (the sha256 and size of every file there); :func:`restore` checks it first and
+step's folder (the sha256 and size of every file there, and the sha256 of every saved array it
+holds in full); :func:`restore` checks the files first, the restored arrays after, and
 raises :class:`CorruptCheckpointError` naming the damaged file, the step and the steps that
-remain, instead of loading flipped bytes silently or failing deep inside orbax. Checkpoints
+remain, instead of loading flipped bytes silently or failing deep inside orbax;
+``restore(..., fallback=True)`` goes back to the newest intact step instead. Checkpoints
 without the manifest (written by older jaxrank) restore unchecked.
 
 Restoring onto another mesh or sharding: pass a ``target`` whose leaves carry the wanted
@@ -32,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -44,6 +47,10 @@ MANIFEST = "jaxrank_checksums.json"
 
 class CorruptCheckpointError(RuntimeError):
   """A checkpoint file does not match the checksum written at save (damaged or truncated)."""
+
+
+class CorruptCheckpointWarning(UserWarning):
+  """``restore(..., fallback=True)`` skipped a damaged step for an earlier intact one."""
 
 
 def _is_prng_key(x) -> bool:
@@ -59,7 +66,9 @@ def _to_storable(state):
 def _abstract(x):
   if _is_prng_key(x):
     data = jax.eval_shape(jax.random.key_data, x)
-    return jax.ShapeDtypeStruct(data.shape, data.dtype)
+    # the key's own placement, so a job of another process count / mesh restores it there
+    sharding = x.sharding if isinstance(x, jax.Array) else getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
   if isinstance(x, jax.Array):
@@ -75,12 +84,13 @@ def _manager(directory, max_to_keep: Optional[int]) -> ocp.CheckpointManager:
 
 def save(directory, step: int, state: Any, *, max_to_keep: Optional[int] = 3) -> None:
   """Writes ``state`` as checkpoint ``step`` under ``directory`` and waits until it is durable."""
+  storable = _to_storable(state)
   with _manager(directory, max_to_keep) as manager:
-    manager.save(int(step), args=ocp.args.StandardSave(_to_storable(state)))
+    manager.save(int(step), args=ocp.args.StandardSave(storable))
     manager.wait_until_finished()
     step_dir = _step_dir(manager, int(step))
   if jax.process_index() == 0 and os.path.isdir(step_dir):
-    _write_manifest(step_dir, int(step))
+    _write_manifest(step_dir, int(step), _array_digests(storable))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"jaxrank_checksums_{int(step)}")
@@ -109,13 +119,40 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def _write_manifest(step_dir: str, step: int) -> None:
+def _array_digests(storable) -> dict:
+  """``{leaf path: {"dtype", "sha256"}}`` of every array this process holds in full (in a
+  multi-process job: the replicated ones, read from a local copy)."""
+  digests = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(storable)[0]:
+    if not getattr(leaf, "is_fully_addressable", True) and leaf.is_fully_replicated:
+      leaf = leaf.addressable_data(0)
+    if getattr(leaf, "is_fully_addressable", True):
+      data = np.ascontiguousarray(np.asarray(leaf))
+      digests[jax.tree_util.keystr(path)] = {"dtype": str(data.dtype),
+                                             "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+  return digests
+
+
+def _write_manifest(step_dir: str, step: int, arrays: Optional[dict] = None) -> None:
   files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
                  "sha256": _sha256(os.path.join(step_dir, rel))} for rel in _files(step_dir)}
   tmp = os.path.join(step_dir, MANIFEST + ".tmp")
   with open(tmp, "w") as f:
-    json.dump({"step": step, "files": files}, f, indent=1)
+    json.dump({"step": step, "files": files, "arrays": arrays or {}}, f, indent=1)
   os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def _verify_arrays(directory, step_dir: str, step: int, steps, restored) -> None:
+  """Raises :class:`CorruptCheckpointError` when a restored array's bytes differ from save."""
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f).get("arrays", {})
+  for name, now in _array_digests(restored).items():
+    entry = saved.get(name)
+    if entry is not None and entry["dtype"] == now["dtype"] and entry["sha256"] != now["sha256"]:
+      _corrupt(directory, step, steps, name, "(an array) restored other values than were saved")
 
 
 def _verify(directory, step_dir: str, step: int, steps) -> None:
@@ -157,7 +194,8 @@ def latest_step(directory) -> Optional[int]:
     return manager.latest_step()
 
 
-def restore(directory, target: Any, *, step: Optional[int] = None) -> Any:
+def restore(directory, target: Any, *, step: Optional[int] = None,
+            fallback: bool = False) -> Any:
   """Reads checkpoint ``step`` (default: the latest complete one) into ``target``'s structure.
 
   Args:
@@ -165,11 +203,14 @@ def restore(directory, target: Any, *, step: Optional[int] = None) -> Any:
     target: a pytree with the same structure as the saved state (the freshly initialised
       state works); leaf shardings, where given, decide where restored arrays live.
     step: which checkpoint; None for the latest.
+    fallback: when the chosen step is damaged, restore the newest intact step before it
+      instead of raising, with a :class:`CorruptCheckpointWarning` naming the skipped steps.
 
   Raises:
     FileNotFoundError: when ``directory`` holds no complete checkpoint (or not ``step``).
     CorruptCheckpointError: when a file of the step differs from its checksum at save
       (overwritten, truncated or missing); the message names the file and the other steps.
+      With ``fallback``, only when no earlier step is intact either.
   """
   with _manager(directory, None) as manager:
     steps = manager.all_steps()
@@ -180,9 +221,20 @@ def restore(directory, target: Any, *, step: Optional[int] = None) -> Any:
           f"No complete checkpoint{'' if step is None else f' for step {step}'} in "
           f"{directory!r} (complete steps: {sorted(steps)})."
       )
-    _verify(directory, _step_dir(manager, step), step, steps)
+    candidates = [s for s in sorted(steps, reverse=True) if s <= step] if fallback else [step]
     abstract = jax.tree.map(_abstract, target)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    for attempt in candidates:
+      step_dir = _step_dir(manager, attempt)
+      try:
+        _verify(directory, step_dir, attempt, steps)
+        restored = manager.restore(attempt, args=ocp.args.StandardRestore(abstract))
+        _verify_arrays(directory, step_dir, attempt, steps, restored)
+        break
+      except CorruptCheckpointError as error:
+        if attempt == candidates[-1]:
+          raise
+        warnings.warn(f"{error} Falling back to an earlier step.", CorruptCheckpointWarning,
+                      stacklevel=2)
   return jax.tree.map(
       lambda t, r: jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if _is_prng_key(t) else r,
       target,

@@ -9,6 +9,8 @@ Commands (``jaxrank --help``, ``jaxrank COMMAND --help``):
 * ``jaxrank finetune --model smollm2 --task austen`` causal-LM fine-tuning; reports perplexity.
 * ``jaxrank demo`` runs the frozen-model baseline and every method at one equal final rank
   budget on BBC News, prints one comparison table and writes the heatmaps.
+* ``jaxrank export RUN_DIR --model minilm --format hf`` merges a finetune run's adapter into
+  its base model: a Hugging Face PyTorch checkpoint (``hf/``) and, for ``smollm2``, a GGUF.
 * ``jaxrank setup-data`` extracts the Debian Jane Austen package into the data cache (once).
 
 ``--model tiny-bert --task synthetic`` is a seconds-long random model and task for smoke tests.
@@ -35,7 +37,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 METHOD_NAMES = ", ".join(recipes.RECIPES)
 MODEL_HELP = "the base model: " + ", ".join(
-    f"{m} (task {t})" for m, t in setups.SETUPS)
+    f"{m} (task {t})" for m, t in setups.SETUPS) + (
+    "; with --train FILE: minilm, smollm2 or PATH, a local Hugging Face model folder "
+    "(BERT family: classification; LLaMA family: causal LM)")
 TASK_HELP = "the task and its data: " + ", ".join(
     f"{t} (model {m})" for m, t in setups.SETUPS)
 
@@ -75,6 +79,21 @@ def _check_numbers(output_dir: Path, **values: int):
 CPU_DEVICES_HELP = ("split the CPU into N XLA devices (0: one per core) and train data-parallel "
                     "over them: faster on multi-core CPUs (benchmarks/README.md); batch sizes "
                     "must be multiples of N")
+
+
+def _join_job(coordinator: Optional[str], num_processes: Optional[int],
+              process_id: Optional[int]) -> bool:
+  """Joins a multi-process job (``--coordinator``/``--num-processes``/``--process-id``, or
+  ``JAX_COORDINATOR_ADDRESS`` and JAX's cluster detection); False when there is none."""
+  given = (coordinator, num_processes, process_id)
+  if all(v is None for v in given) and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return False
+  from jaxrank import distributed
+  try:
+    distributed.initialize(*given)
+  except ValueError as error:
+    raise typer.BadParameter(str(error)) from None
+  return True
 
 
 def _configure_jax(cpu_devices: int = 1, batch_size: int = 1):
@@ -134,23 +153,73 @@ def finetune(
     progress: bool = typer.Option(True, help="show a progress bar"),
     eval_at_start: bool = typer.Option(False, help="also evaluate the model before training"),
     cpu_devices: int = typer.Option(1, help=CPU_DEVICES_HELP),
+    coordinator: Optional[str] = typer.Option(
+        None, help="host:port of process 0: run as one process of a multi-process job (with "
+                   "--num-processes and --process-id; jaxrank.distributed). Without them, "
+                   "JAX_COORDINATOR_ADDRESS in the environment starts JAX's own detection "
+                   "(TPU pods, SLURM)"),
+    num_processes: Optional[int] = typer.Option(None, help="processes of the job (with "
+                                                           "--coordinator)"),
+    process_id: Optional[int] = typer.Option(None, help="this process's index in the job, "
+                                                        "0 .. --num-processes - 1"),
     flax: str = typer.Option("linen", help="linen (the Flax Linen model) or nnx (SmolLM2 as a "
                                            "Flax NNX model, jaxrank.models.llama_nnx)"),
+    train: Optional[Path] = typer.Option(
+        None, help="your own training data: a CSV, JSON Lines or Parquet file (replaces --task)"),
+    validation: Optional[Path] = typer.Option(
+        None, help="validation file (default: a seeded stratified --validation-fraction of "
+                   "--train)"),
+    test: Optional[Path] = typer.Option(None, help="test file (optional)"),
+    text_field: str = typer.Option("text", help="the column of the texts"),
+    label_field: Optional[str] = typer.Option(
+        None, help="the column of the labels (strings or integers); omit for causal-LM text"),
+    validation_fraction: float = typer.Option(0.1, help="held out of --train without "
+                                                        "--validation"),
+    bucketing: bool = typer.Option(True, help="pad each batch to the smallest of a few lengths "
+                                              "(powers of two up to --max-length) instead of "
+                                              "--max-length (with --train)"),
+    dropout: float = typer.Option(0.0, help="dropout on the adapters' input"),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay of the adapters' factors "
+                                                 "and of the head"),
 ):
   """Fine-tune one method and report metrics, the learned rank pattern and a heatmap."""
+  own_data = train is not None
+  if not own_data and (validation or test or label_field):
+    raise typer.BadParameter("--validation, --test and --label-field need --train FILE.")
+  if not own_data and model not in setups.MODELS:
+    raise typer.BadParameter(f"--model {model}: a local model folder (or any model with your "
+                             "own data) needs --train FILE.")
   if flax not in ("linen", "nnx"):
     raise typer.BadParameter(f"--flax must be linen or nnx, got {flax!r}.")
-  if flax == "nnx" and model != "smollm2":
+  if flax == "nnx" and (model != "smollm2" or own_data):
     raise typer.BadParameter("--flax nnx runs --model smollm2 --task austen only.")
   _check_numbers(output_dir, steps=steps, batch_size=batch_size, rank=rank,
                  budget_rank=budget_rank, max_length=max_length, eval_every_min0=eval_every,
                  train_examples_min0=train_examples, eval_examples_min0=eval_examples)
+  multi_process = _join_job(coordinator, num_processes, process_id)
+  if multi_process and flax == "nnx":
+    raise typer.BadParameter("--coordinator runs the Linen models only; drop --flax nnx.")
   mesh = _configure_jax(cpu_devices, batch_size)
+  if multi_process:  # train.fit's default: data parallel over every process's devices
+    mesh = None
   knobs = {"lam": sora_lambda} if method == "sora" else {}
+  if method != "frozen":
+    knobs.update(dropout=dropout, weight_decay=weight_decay)
   built = _recipe(method, rank=rank, budget_rank=budget_rank, alpha=alpha, total_steps=steps,
                   **knobs)
-  setup = _setup(model, task, seed=seed, train_examples=train_examples,
-                 max_length=max_length, eval_examples=eval_examples)
+  if own_data:
+    try:
+      setup = setups.own_data_setup(
+          model, train, text_field=text_field, label_field=label_field, validation=validation,
+          test=test, validation_fraction=validation_fraction, max_length=max_length, seed=seed,
+          train_examples=train_examples, eval_examples=eval_examples, bucketing=bucketing)
+    except ValueError as error:
+      raise typer.BadParameter(str(error)) from None
+    task = train.name
+  else:
+    setup = _setup(model, task, seed=seed, train_examples=train_examples,
+                   max_length=max_length, eval_examples=eval_examples)
+  extra = {"label_names": list(setup.label_names)} if setup.label_names else None
   if flax == "nnx":
     return _finetune_nnx(setup, built, steps=steps, batch_size=batch_size, seed=seed,
                          learning_rate=learning_rate, progress=progress)
@@ -158,7 +227,10 @@ def finetune(
     result = _report.run_one(setup, built, steps=steps, batch_size=batch_size,
                              learning_rate=learning_rate, head_learning_rate=head_learning_rate,
                              eval_every=eval_every, seed=seed, output_dir=output_dir,
-                             progress=progress, eval_at_start=eval_at_start, mesh=mesh)
+                             progress=progress, eval_at_start=eval_at_start, mesh=mesh,
+                             fit_options={"head_weight_decay": weight_decay,
+                                          "drop_remainder": not own_data},
+                             extra_config=extra)
   except FloatingPointError as error:  # jaxrank.NonFiniteError: a clear message, exit 1
     typer.echo(f"\nerror: {error}", err=True)
     raise typer.Exit(1) from None
@@ -177,7 +249,8 @@ def finetune(
                   if result.live_ranks_before_finalize is not None else ""))
     for path, r in result.rank_pattern.items():
       typer.echo(f"    {path}: {r}")
-  typer.echo(f"  results in {output_dir}/ (metrics.json, rank_heatmap.png, checkpoint/, adapter/)")
+  typer.echo(f"  results in {output_dir}/ (metrics.json, metrics.jsonl, rank_heatmap.png, "
+             "checkpoint/, adapter/)")
 
 
 def _finetune_nnx(setup, recipe, *, steps, batch_size, seed, learning_rate, progress):
@@ -244,6 +317,33 @@ def demo(
   typer.echo(f"total wall time {time.perf_counter() - start:.0f} s; heatmaps in {output_dir}/")
   output_dir.mkdir(parents=True, exist_ok=True)
   (output_dir / "table.md").write_text(table + "\n")
+
+
+@app.command("export")
+def export_command(
+    run_dir: Path = typer.Argument(..., help="a jaxrank finetune --output-dir (or its adapter/)"),
+    model: str = typer.Option("minilm", help="the --model the run was fine-tuned with: minilm, "
+                                             "smollm2 or PATH (a local Hugging Face folder)"),
+    format: str = typer.Option("hf", help="hf (a Hugging Face PyTorch checkpoint that "
+                                          "from_pretrained loads) and/or gguf (LLaMA models "
+                                          "loaded from a GGUF), comma-separated"),
+    output_dir: Path = typer.Option(Path("runs/export"), help="where hf/ and model.gguf go"),
+    tensor_type: Optional[str] = typer.Option(
+        None, help="GGUF tensor type: F32 or F16 for every tensor (default: each tensor in its "
+                   "source type where gguf can write it, else F16/F32)"),
+):
+  """Merge a fine-tuned run's adapter into its base model: HF checkpoint and/or GGUF."""
+  _check_numbers(output_dir)
+  _configure_jax()
+  from jaxrank import _export_command
+  formats = tuple(f.strip() for f in format.split(",") if f.strip())
+  try:
+    written = _export_command.export_run(run_dir, model=model, formats=formats,
+                                         output_dir=output_dir, tensor_type=tensor_type)
+  except ValueError as error:
+    raise typer.BadParameter(str(error)) from None
+  for name, path in written.items():
+    typer.echo(f"  {name}: {path}")
 
 
 @app.command("setup-data")

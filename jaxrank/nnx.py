@@ -59,9 +59,14 @@ from jaxrank._nnx_layers import AdaptedEinsum
 from jaxrank._nnx_layers import AdaptedLinear
 from jaxrank._nnx_layers import AdaptedLinearGeneral
 from jaxrank._nnx_layers import Gate
+from jaxrank._nnx_layers import LoRAGate
+from jaxrank._nnx_checkpoint import restore_checkpoint
+from jaxrank._nnx_checkpoint import save_checkpoint
 from jaxrank._nnx_layers import rngs
 from jaxrank._nnx_train import fit
 from jaxrank._nnx_train import NnxTrainResult
+from jaxrank._nnx_train import setup
+from jaxrank._nnx_train import Training
 from jaxrank._tree import from_linen_view
 from jaxrank._tree import to_linen_view
 
@@ -73,8 +78,8 @@ BASE = _flax_nnx.All(_flax_nnx.Param, _flax_nnx.Not(_flax_nnx.LoRAParam))
 __all__ = (
     "AdaptedEinsum", "AdaptedLinear", "AdaptedLinearGeneral", "add_lagrange_multiplier",
     "adapted_layers", "adapter_of", "BASE", "compact", "fit", "from_linen_variables",
-    "from_linen_view", "Gate", "merge", "NnxTrainResult", "rank_pattern", "rngs",
-    "to_linen_variables", "to_linen_view",
+    "from_linen_view", "Gate", "LoRAGate", "merge", "NnxTrainResult", "rank_pattern", "restore_checkpoint",
+    "rngs", "save_checkpoint", "setup", "to_linen_variables", "to_linen_view", "Training",
     "TRAINABLE", "transform", "wrap",
 )
 
@@ -102,7 +107,7 @@ def adapter_of(model: _flax_nnx.Module) -> _adapter.LoRA:
 
 def wrap(model: _flax_nnx.Module, targets: _wrap.Targets = "all-linear",
          adapter: Optional[_adapter.LoRA] = None, *,
-         rngs: _flax_nnx.Rngs) -> _flax_nnx.Module:
+         rngs: _flax_nnx.Rngs, gate_type: type = Gate) -> _flax_nnx.Module:
   """Adapts every targeted linear layer of ``model`` in place and returns ``model``.
 
   Args:
@@ -112,6 +117,9 @@ def wrap(model: _flax_nnx.Module, targets: _wrap.Targets = "all-linear",
       of a layer's ``/``-joined attribute path, or a regex over the whole path.
     adapter: an adapter spec (``jaxrank.LoRA()`` by default), e.g. ``jaxrank.SoRA(rank=8)``.
     rngs: the ``nnx.Rngs`` whose ``params`` stream initialises the factors and gates.
+    gate_type: the Variable type of the gates: :class:`Gate`, or :class:`LoRAGate` (also an
+      ``nnx.LoRAParam``) for a trainer that trains only ``wrt=nnx.LoRAParam``, such as
+      tunix's ``PeftTrainer``.
 
   A base kernel's sharding metadata (``out_sharding``/``sharding_names``) carries over:
   ``A`` is sharded like the kernel's input axes, ``B`` like its output axes, the rank axis is
@@ -123,6 +131,9 @@ def wrap(model: _flax_nnx.Module, targets: _wrap.Targets = "all-linear",
   adapter = _adapter.LoRA() if adapter is None else adapter
   if not isinstance(adapter, _adapter.LoRA):
     raise TypeError(f"adapter must be a jaxrank adapter spec such as jaxrank.LoRA(), got {adapter!r}")
+  if not (isinstance(gate_type, type) and issubclass(gate_type, Gate)):
+    raise TypeError(f"gate_type must be jaxrank.nnx.Gate or a subclass (e.g. "
+                    f"jaxrank.nnx.LoRAGate), got {gate_type!r}")
   matcher = _wrap.TargetMatcher(targets)
   linear, matched, chosen = [], set(), []
   for path, module in _module_paths(model):
@@ -142,7 +153,7 @@ def wrap(model: _flax_nnx.Module, targets: _wrap.Targets = "all-linear",
         f"'all-linear' is a regex over the whole path. The linear layers of this model are:\n  "
         f"{listing}")
   for path, module in chosen:
-    _nnx_layers.adapt_layer(module, path, adapter, rngs)
+    _nnx_layers.adapt_layer(module, path, adapter, rngs, gate_type)
   return model
 
 
@@ -193,7 +204,8 @@ def add_lagrange_multiplier(model: _flax_nnx.Module, value: float = 0.0) -> _fla
   view = _lagrangian.add_lagrange_multiplier({"gates": {}}, value)
   if not isinstance(getattr(model, "gates", None), _nnx_layers.Gates):
     model.gates = _nnx_layers.Gates()
-  model.gates.lagrange_multiplier = Gate(view["gates"][_lagrangian.LAGRANGE_MULTIPLIER])
+  gate_type = _nnx_layers.gate_type_of(model)
+  model.gates.lagrange_multiplier = gate_type(view["gates"][_lagrangian.LAGRANGE_MULTIPLIER])
   return model
 
 

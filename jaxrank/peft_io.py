@@ -5,11 +5,27 @@
 writes ``adapter_model.safetensors`` and ``adapter_config.json`` in the layout
 ``peft.PeftModel.from_pretrained`` reads: for every adapted ``nn.Dense`` with rank ``r_i > 0``,
 ``base_model.model.<module>.lora_A.weight`` (``r_i x in``) and ``...lora_B.weight``
-(``out x r_i``), with ``rank_pattern[module] = r_i``. ``compact`` has folded jaxrank's scale
-(and the gates) into ``lora_B``, so ``alpha_pattern[module] = r_i`` and PEFT's ``alpha / r``
-scaling is 1. Layers whose every rank died are left
-out of ``target_modules``. Module names are the Flax paths with ``/`` replaced by ``.``, which
-is the PyTorch name for Hugging Face models (``bert.encoder.layer.0.attention.self.query``).
+(``out x r_i``), with ``rank_pattern[module] = r_i``. Layers whose every rank died are left
+out of ``target_modules`` (and of the file). Module names are the Flax paths with ``/``
+replaced by ``.``, which is the PyTorch name for Hugging Face models
+(``bert.encoder.layer.0.attention.self.query``).
+
+**The serving-safe rule.** Serving engines read only ``r``, ``lora_alpha`` (and
+``use_rslora``) from the config and scale every module by one ``lora_alpha / r`` (vLLM drops
+``rank_pattern``/``alpha_pattern`` and zero-pads each module's factors to ``r``). So the file
+is written such that every reader computes the same ``ΔW``:
+
+* jaxrank's scale (and the gates) are folded into ``lora_B`` (what ``compact`` does), so each
+  module's update is exactly ``lora_B @ lora_A``;
+* ``alpha_pattern[module] = rank_pattern[module] = r_i``: PEFT's per-module scale
+  ``alpha_i / r_i`` is 1;
+* ``r`` is the largest live rank and ``lora_alpha = r``, ``use_rslora = False``: a loader
+  reading only ``r``, ``lora_alpha`` and the tensor shapes also scales by ``r / r = 1``, and
+  padding a module's factors with zero ranks up to ``r`` does not change ``lora_B @ lora_A``.
+
+Fully trained modules (a fresh classifier and pooler) go in as PEFT ``modules_to_save``: their
+full PyTorch names (``bert.pooler.dense``, ``classifier``; PEFT matches names by suffix, so a
+bare ``dense`` would catch every dense layer) and their weights in PyTorch layout.
 
 Example:
   >>> import tempfile, jax, jax.numpy as jnp, flax.linen as nn, jaxrank
@@ -17,8 +33,8 @@ Example:
   >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
   >>> directory = tempfile.mkdtemp()
   >>> config = jaxrank.save_peft_adapter(directory, model, variables, module_name=lambda p: "proj")
-  >>> config["rank_pattern"], config["alpha_pattern"]
-  ({'proj': 2}, {'proj': 2.0})
+  >>> config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]
+  (2, 2.0, {'proj': 2}, {'proj': 2.0})
   >>> adapter, lora = jaxrank.load_peft_adapter(directory, module_path=lambda n: n)
   >>> lora["proj"]["A"].shape
   (3, 2)
@@ -34,6 +50,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxrank import _adapter
+from jaxrank import _torch_layout
 from jaxrank import _tree
 from jaxrank import export
 
@@ -64,10 +81,16 @@ def save_peft_adapter(
     base_model_name_or_path: recorded in the config for PEFT.
     task_type: PEFT task type, e.g. ``"SEQ_CLS"`` or ``"CAUSAL_LM"``.
     module_name: maps a Flax layer path (``a/b/c``) to the PyTorch module name.
-    modules_to_save: Flax paths of whole ``nn.Dense`` layers trained in full (a fresh task
-      head such as ``"classifier"``); their ``kernel``/``bias`` from ``variables['params']``
-      are saved as PEFT ``modules_to_save``. PEFT adds ``classifier``/``score`` by itself for
-      ``task_type="SEQ_CLS"``, so list the head then.
+    modules_to_save: Flax paths of layers trained in full (a fresh task head such as
+      ``"classifier"``, ``"bert/pooler/dense"``); every leaf under them in
+      ``variables['params']`` is saved in PyTorch layout (``kernel`` transposed to ``weight``,
+      ``bias``; LayerNorm ``scale``/embedding ``embedding`` as ``weight``) and the module is
+      listed in ``modules_to_save`` under its full PyTorch name.
+
+  Raises:
+    ValueError: for a layer PEFT's ``Linear`` LoRA cannot hold, two layers with one PyTorch
+      name, an adapter whose every rank is dead, or a ``modules_to_save`` path that is not in
+      ``params``.
   """
   from safetensors.numpy import save_file  # the 'hf' extra
 
@@ -93,27 +116,33 @@ def save_peft_adapter(
     tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(layer.down, np.float32).T)
     tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(layer.up, np.float32).T)
     rank_pattern[name] = rank
-    alpha_pattern[name] = float(plain.scale * rank)
+    alpha_pattern[name] = float(rank)  # scale 1: folded into lora_B
   if not rank_pattern:
     raise ValueError("Every rank of every layer is dead: there is no adapter to export.")
-  params = traverse_util.flatten_dict(_tree.plain(variables["params"]))
   saved_modules = []
   for path in modules_to_save:
-    key = _tree.key_tuple(path)
-    if key + ("kernel",) not in params:
-      raise ValueError(f"modules_to_save: params/{path}/kernel does not exist.")
     name = module_name(path)
-    tensors[f"{_PREFIX}{name}.weight"] = np.ascontiguousarray(np.asarray(params[key + ("kernel",)], np.float32).T)
-    if key + ("bias",) in params:
-      tensors[f"{_PREFIX}{name}.bias"] = np.asarray(params[key + ("bias",)], np.float32)
-    saved_modules.append(name.rsplit(".", 1)[-1])
-  first = next(iter(rank_pattern))
+    try:
+      head = _torch_layout.torch_tensors(variables["params"], path)
+    except ValueError as error:
+      raise ValueError(f"modules_to_save: {error}") from None
+    tensors.update({f"{_PREFIX}{name}.{k}": v for k, v in head.items()})
+    saved_modules.append(name)
+  if task_type == "SEQ_CLS" and not {"classifier", "score"} & {
+      n.rsplit(".", 1)[-1] for n in saved_modules}:
+    raise ValueError(
+        "task_type='SEQ_CLS': PEFT then loads the head ('classifier' or 'score') from the "
+        "adapter file, so it must be saved: pass modules_to_save=['classifier'] (its Flax "
+        "path).")
+  max_rank = max(rank_pattern.values())
   config = {
       "peft_type": "LORA",
       "task_type": task_type,
       "base_model_name_or_path": base_model_name_or_path,
-      "r": rank_pattern[first],
-      "lora_alpha": alpha_pattern[first],
+      "r": max_rank,
+      "lora_alpha": float(max_rank),
+      "use_rslora": False,
+      "use_dora": False,
       "lora_dropout": float(plain.dropout),
       "target_modules": sorted(rank_pattern),
       "rank_pattern": rank_pattern,

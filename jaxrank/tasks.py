@@ -3,7 +3,8 @@
 A :class:`Task` bundles four functions: ``apply`` (model + variables + batch -> outputs),
 ``loss`` (the scalar that is differentiated), ``metrics`` (sums that add up over batches) and
 ``summarize`` (sums -> reported values). Two families ship with jaxrank: classification
-(cross-entropy and accuracy) and causal language modelling (next-token cross-entropy and
+(cross-entropy, accuracy and, given the number of classes, macro-F1) and causal language
+modelling (next-token cross-entropy and
 perplexity). Every loss and metric honours an optional per-example ``weight`` in the batch
 (0 marks the padding rows of the last evaluation batch, see :func:`jaxrank.batching.eval_batches`).
 
@@ -17,15 +18,21 @@ Example:
   1.0
   >>> round(float(tasks.classification_loss(logits, batch)), 4)
   0.1269
+  >>> sums = tasks.classification_metrics(logits, batch, num_classes=2)
+  >>> tasks.summarize_classification(sums)["macro_f1"]  # one row is padding (weight 0)
+  1.0
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Callable
+from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -65,24 +72,52 @@ def classification_loss(outputs, batch):
   return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def classification_metrics(outputs, batch):
-  """Summed cross-entropy, correct predictions and example count (weighted)."""
+def classification_metrics(outputs, batch, num_classes: Optional[int] = None):
+  """Summed cross-entropy, correct predictions and example count (weighted); with
+  ``num_classes`` also the weighted ``confusion`` matrix (rows: label, columns: prediction)."""
   logits = _logits(outputs).astype(jnp.float32)
   w = _weights(batch, logits.shape[0])
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-  correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-  return {"loss": jnp.sum(nll * w), "correct": jnp.sum(correct * w), "count": jnp.sum(w)}
+  predicted = jnp.argmax(logits, -1)
+  correct = (predicted == batch["labels"]).astype(jnp.float32)
+  sums = {"loss": jnp.sum(nll * w), "correct": jnp.sum(correct * w), "count": jnp.sum(w)}
+  if num_classes is not None:
+    label_hot = jax.nn.one_hot(batch["labels"], num_classes) * w[:, None]
+    sums["confusion"] = label_hot.T @ jax.nn.one_hot(predicted, num_classes)
+  return sums
+
+
+def macro_f1(confusion) -> float:
+  """The unweighted mean over classes of ``F1 = 2 TP / (2 TP + FP + FN)`` from a confusion
+  matrix (rows: label, columns: prediction); classes never labelled nor predicted are left out
+  (scikit-learn's ``f1_score(average="macro")``).
+
+  >>> macro_f1([[3, 1], [0, 2]])  # class 0: F1 6/7, class 1: 4/5
+  0.8285714285714285
+  """
+  confusion = np.asarray(confusion, np.float64)
+  tp = np.diag(confusion)
+  denominator = confusion.sum(0) + confusion.sum(1)  # 2 TP + FP + FN
+  present = denominator > 0
+  return float(np.mean(2 * tp[present] / denominator[present])) if present.any() else 0.0
 
 
 def summarize_classification(sums):
-  """Mean loss and accuracy from :func:`classification_metrics` sums."""
+  """Mean loss, accuracy and (when the sums hold a confusion matrix) macro-F1 from
+  :func:`classification_metrics` sums."""
   count = max(float(sums["count"]), 1.0)
-  return {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count}
+  summary = {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count}
+  if "confusion" in sums:
+    summary["macro_f1"] = macro_f1(sums["confusion"])
+  return summary
 
 
-def classification_task(apply: Callable) -> Task:
-  """The classification :class:`Task` of ``apply`` (cross-entropy, accuracy)."""
-  return Task(apply=apply, loss=classification_loss, metrics=classification_metrics,
+def classification_task(apply: Callable, num_classes: Optional[int] = None) -> Task:
+  """The classification :class:`Task` of ``apply`` (cross-entropy, accuracy; with
+  ``num_classes`` also macro-F1)."""
+  metrics = (classification_metrics if num_classes is None else
+             functools.partial(classification_metrics, num_classes=num_classes))
+  return Task(apply=apply, loss=classification_loss, metrics=metrics,
               summarize=summarize_classification)
 
 

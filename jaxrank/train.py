@@ -62,6 +62,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from jaxrank import _fit_checks
+from jaxrank import distributed
+from jaxrank import _nonfinite
 from jaxrank import _progress
 from jaxrank import _recipe
 from jaxrank import _tree
@@ -87,6 +89,7 @@ from jaxrank.batching import batch_placement
 from jaxrank.batching import batches
 from jaxrank.batching import eval_batches
 from jaxrank.checkpoint import save_train_state as save_checkpoint
+from jaxrank.sharding import data_parallel_mesh
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -132,7 +135,8 @@ def setup(base_model, variables, method: Recipe, task: tasks.Task, *, first_batc
           steps: int, learning_rate: float, head_learning_rate: Optional[float] = None,
           head: Sequence[str] = (), targets: Any = "all-linear", seed: int = 0,
           validation_batch: Optional[Batch] = None,
-          mesh: Optional[jax.sharding.Mesh] = None) -> TrainSetup:
+          mesh: Optional[jax.sharding.Mesh] = None,
+          head_weight_decay: float = 0.0) -> TrainSetup:
   """Wraps ``base_model``, initialises the adapters and the optimizer: :func:`fit`'s set-up.
 
   ``first_batch`` fixes the input shapes of ``init``; with ``mesh``, the frozen variables and
@@ -172,16 +176,19 @@ def setup(base_model, variables, method: Recipe, task: tasks.Task, *, first_batc
                                     if method.adapter is not None else 0))
   tx = method.optimizer(ctx)
   if method.separate_head:
-    tx = with_head(tx, optax.adamw(head_schedule, weight_decay=0.0))
+    tx = with_head(tx, optax.adamw(head_schedule, weight_decay=head_weight_decay))
   state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), key_train)
   if mesh is not None:
-    frozen, state = jax.device_put((frozen, state), NamedSharding(mesh, PartitionSpec()))
+    frozen, state = distributed.replicate((frozen, state), mesh)  # on every process's devices
   return TrainSetup(model, frozen, state, tx, loss_fn, head_params)
 
 
 def make_train_step(model, method: Recipe, task: tasks.Task,
                     tx: optax.GradientTransformation, *, deterministic: bool = False) -> Callable:
   """The (unjitted) train step ``step(frozen, state, batch) -> (state, task_loss)``.
+
+  When the loss or a gradient is not finite, or a method transform skipped non-finite values
+  (:func:`jaxrank.nonfinite_total`), the step returns ``state`` unchanged and a NaN loss.
 
   One optax update of ``task loss + method.penalty``: fresh rngs for ``'dropout'`` and the
   method's ``train_rngs`` are split from ``state.rng`` every step. ``deterministic=True``
@@ -204,7 +211,14 @@ def make_train_step(model, method: Recipe, task: tasks.Task,
     updates, opt_state = optax.with_extra_args_support(tx).update(  # the task loss: `value`
         grads, state.opt_state, state.trainable, value=jax.lax.stop_gradient(task_loss))
     trainable = optax.apply_updates(state.trainable, updates)
-    return TrainState(state.step + 1, trainable, opt_state, rng), task_loss
+    new_state = TrainState(state.step + 1, trainable, opt_state, rng)
+    # a non-finite loss or gradient, or a method that skipped non-finite scores: keep the
+    # state as it was and report NaN, so that no rank decision is ever taken from NaN
+    finite = (_nonfinite.all_finite(grads, task_loss)
+              & (_nonfinite.nonfinite_total(opt_state)
+                 == _nonfinite.nonfinite_total(state.opt_state)))
+    return (_nonfinite.select(finite, new_state, state),
+            jnp.where(finite, task_loss, jnp.nan))
 
   return train_step
 
@@ -242,6 +256,9 @@ def fit(
     eval_at_start: bool = False,
     mesh: Optional[jax.sharding.Mesh] = None,
     data_axis: str = "data",
+    bucket_lengths: Optional[Sequence[int]] = None,
+    drop_remainder: bool = True,
+    head_weight_decay: float = 0.0,
 ) -> TrainResult:
   """Wraps ``base_model`` for ``method``, trains it for ``steps`` and evaluates it.
 
@@ -256,6 +273,8 @@ def fit(
     eval_every: evaluate on ``eval_data`` every so many steps (0: only at the end).
     learning_rate: peak learning rate of the adapters (warmup 6 %, then linear decay).
     head_learning_rate: of the head (defaults to ``learning_rate``).
+    head_weight_decay: the head's AdamW weight decay (default 0; the adapters' is the
+      recipe's ``weight_decay``).
     head: names of the ``params`` modules that are trained in full (the fresh task head).
     targets: adapter targets when ``method.targets`` is None.
     on_eval: called as ``on_eval(step, record, state)`` after each periodic evaluation (e.g.
@@ -266,11 +285,25 @@ def fit(
       state are replicated on it. The axis must be Auto, e.g.
       :func:`jaxrank.data_parallel_mesh` over all devices. For model-parallel layouts place the
       variables yourself (:func:`jaxrank.variable_shardings`) around :func:`setup` and
-      :func:`make_train_step`.
+      :func:`make_train_step`. In a multi-process job (:func:`jaxrank.distributed.initialize`)
+      the mesh defaults to :func:`jaxrank.data_parallel_mesh` over every process's devices, and
+      each process gathers and places only its rows of every global batch
+      (:func:`jaxrank.distributed.local_batches`): call ``fit`` with the same arguments in
+      every process.
+    bucket_lengths: length bucketing of the training batches
+      (:func:`jaxrank.batching.trim_to_bucket`): each batch's token arrays are cut to the
+      smallest of these lengths that holds its longest row, e.g.
+      :func:`jaxrank.batching.bucket_lengths`; ``None`` (default): every batch at the data's
+      full length.
+    drop_remainder: drop each epoch's last partial batch (default), or keep it filled up with
+      rows of ``weight`` 0 (:func:`jaxrank.batching.batches`).
 
   Returns:
-    A :class:`TrainResult`: final variables, history (one dict per evaluation), final metrics
-    (``test_*`` from ``test_data``, else ``eval_data``), rank pattern and parameter counts.
+    A :class:`TrainResult`: final variables, history (one dict per evaluation, with
+    ``step_time_s``: the mean wall time of the steps since the last record that compiled
+    nothing, i.e. after the first step of each batch shape; and the ``rank_pattern`` then),
+    final metrics (``test_*`` from ``test_data``, else ``eval_data``), rank pattern and
+    parameter counts.
 
   Raises:
     ValueError: for a non-positive ``steps``/``batch_size``, a negative ``eval_every``, or
@@ -290,13 +323,15 @@ def fit(
       _fit_checks.check_eval_data(train_data, split, name)
   eval_batch_size = eval_batch_size or batch_size
   validation_batch = next(eval_batches(eval_data, batch_size)) if eval_data is not None else None
+  if mesh is None and jax.process_count() > 1:  # one process of a multi-process job
+    mesh = data_parallel_mesh()
   place = batch_placement(mesh, data_axis, batch_size=batch_size,
                           eval_batch_size=eval_batch_size)
   prepared = setup(base_model, variables, method, task,
                    first_batch=next(batches(train_data, batch_size, seed=seed)), steps=steps,
                    learning_rate=learning_rate, head_learning_rate=head_learning_rate,
                    head=head, targets=targets, seed=seed, validation_batch=validation_batch,
-                   mesh=mesh)
+                   mesh=mesh, head_weight_decay=head_weight_decay)
   model, frozen, state = prepared.model, prepared.frozen, prepared.state
   # not donated: the last finite state must survive a step that turns it into NaN
   train_step = jit_train_step(make_train_step(model, method, task, prepared.tx), mesh,
@@ -310,17 +345,31 @@ def fit(
                        **on_mesh)
     _fit_checks.check_metrics(0, metrics, state, history)
     history.append({"step": 0, "train_loss": None, **{f"eval_{k}": v for k, v in metrics.items()}})
-  iterator = batches(train_data, batch_size, seed=seed)
+  if mesh is not None and jax.process_count() > 1:  # gather and place this process's rows only
+    iterator = distributed.local_batches(
+        train_data, batch_size, distributed.process_rows(mesh, batch_size, data_axis),
+        seed=seed, drop_remainder=drop_remainder, bucket_lengths=bucket_lengths)
+    place = distributed.local_batch_placement(mesh, batch_size, data_axis)
+  else:
+    iterator = batches(train_data, batch_size, seed=seed, drop_remainder=drop_remainder,
+                       bucket_lengths=bucket_lengths)
   bar = _progress.Bar(steps, method.name, progress)
-  running, finite = None, state  # finite: the last state whose training loss was finite
+  step_times, seen_shapes = [], set()  # steps after compilation, per batch shape
+  running = None
   try:
     for step in range(1, steps + 1):
-      new_state, loss = train_step(frozen, state, place(next(iterator)))
+      batch = next(iterator)
+      shape = tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+      step_start = time.perf_counter()
+      new_state, loss = train_step(frozen, state, place(batch))
       loss = float(loss)
+      if shape in seen_shapes:
+        step_times.append(time.perf_counter() - step_start)
+      seen_shapes.add(shape)
       if not np.isfinite(loss):
-        kept = state if _fit_checks.all_finite((state.trainable, state.opt_state)) else finite
-        raise _fit_checks.non_finite_loss(step, loss, kept, history)
-      finite, state = state, new_state
+        # the step was not applied (make_train_step): ``state`` is the one after step - 1
+        raise _fit_checks.non_finite_loss(step, loss, state, history)
+      state = new_state
       running = loss if running is None else 0.9 * running + 0.1 * loss
       bar.step(running)
       if eval_data is not None and eval_every and step % eval_every == 0 and step < steps:
@@ -328,7 +377,10 @@ def fit(
                            eval_step, **on_mesh)
         _fit_checks.check_metrics(step, metrics, state, history)
         record = {"step": step, "train_loss": running,
-                  **{f"eval_{k}": v for k, v in metrics.items()}}
+                  **{f"eval_{k}": v for k, v in metrics.items()},
+                  **_timing_and_ranks(step_times, model, method, join(frozen, state.trainable),
+                                      state.opt_state)}
+        step_times = []
         history.append(record)
         if on_eval is not None:
           on_eval(step, record, state)
@@ -351,7 +403,9 @@ def fit(
                        **on_mesh)
     _fit_checks.check_metrics(steps, metrics, state, history)
     final.update({f"eval_{k}": v for k, v in metrics.items()})
-    history.append({"step": steps, "train_loss": running, **final})
+    history.append({"step": steps, "train_loss": running, **final,
+                    **_timing_and_ranks(step_times, model, method, join(frozen, trainable),
+                                        state.opt_state)})
   if test_data is not None:
     metrics = evaluate(model, task, frozen, trainable, test_data, eval_batch_size, eval_step,
                        **on_mesh)
@@ -365,6 +419,15 @@ def fit(
       final_metrics=final, rank_pattern=pattern, trainable_parameters=adapter_count,
       head_parameters=head_count, wall_time=time.perf_counter() - start,
       live_ranks_before_finalize=live_before_finalize)
+
+
+def _timing_and_ranks(step_times, model, method, variables, opt_state) -> dict:
+  """A history record's ``step_time_s`` (mean of ``step_times``, None when empty) and
+  ``rank_pattern`` (the method's live ranks now; absent without adapters)."""
+  extra = {"step_time_s": float(np.mean(step_times)) if step_times else None}
+  if method.adapter is not None:
+    extra["rank_pattern"] = _learned_ranks(model, method, variables, opt_state)[0]
+  return extra
 
 
 # --- the 0.1 spellings of what moved out, for one release ---------------------------------------

@@ -296,7 +296,10 @@ def test_inject_hyperparams_gives_the_same_result():
       updates, state = jax.jit(tx.update)(grad(t, *_data(8, step)), state, t)
       t = optax.apply_updates(t, updates)
     results.append((t, rank_pattern_from_state(state)))
-  jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
+  jax.tree.map(np.testing.assert_array_equal, results[0][1], results[1][1])  # the same pattern
+  # the same values up to float32 rounding (XLA may fuse traced and constant betas differently)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               results[0][0], results[1][0])
 
 
 def test_multisteps_accumulation_gives_the_same_masks_as_the_big_batch():

