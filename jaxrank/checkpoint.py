@@ -142,27 +142,25 @@ def _write_manifest(step_dir: str, step: int, arrays: Optional[dict] = None) -> 
   os.replace(tmp, os.path.join(step_dir, MANIFEST))
 
 
-def _verify_arrays(directory, step_dir: str, step: int, steps, restored) -> None:
-  """Raises :class:`CorruptCheckpointError` when a restored array's bytes differ from save."""
-  path = os.path.join(step_dir, MANIFEST)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = json.load(f).get("arrays", {})
+def _verify_arrays(directory, step: int, steps, saved: dict, restored) -> None:
+  """Raises :class:`CorruptCheckpointError` when a restored array's bytes differ from save
+  (``saved``: the manifest's ``arrays`` entry, as :func:`_verify` read it)."""
   for name, now in _array_digests(restored).items():
     entry = saved.get(name)
     if entry is not None and entry["dtype"] == now["dtype"] and entry["sha256"] != now["sha256"]:
       _corrupt(directory, step, steps, name, "(an array) restored other values than were saved")
 
 
-def _verify(directory, step_dir: str, step: int, steps) -> None:
-  """Raises :class:`CorruptCheckpointError` when a file differs from the manifest."""
+def _verify(directory, step_dir: str, step: int, steps) -> dict:
+  """Raises :class:`CorruptCheckpointError` when a file differs from the manifest; returns the
+  manifest's per-array checksums (empty for checkpoints written without them)."""
   path = os.path.join(step_dir, MANIFEST)
   if not os.path.exists(path):
-    return  # written before jaxrank kept checksums
+    return {}  # written before jaxrank kept checksums
   try:
     with open(path) as f:
-      files = json.load(f)["files"]
+      manifest = json.load(f)
+    files = manifest["files"]
   except (OSError, ValueError, KeyError) as error:
     _corrupt(directory, step, steps, MANIFEST, f"its checksum manifest is unreadable ({error})")
   for rel, entry in files.items():
@@ -175,6 +173,7 @@ def _verify(directory, step_dir: str, step: int, steps) -> None:
                f"is truncated or resized: {size} bytes, {entry['size']} at save")
     if _sha256(full) != entry["sha256"]:
       _corrupt(directory, step, steps, rel, "has other bytes than at save (sha256 mismatch)")
+  return manifest.get("arrays", {})
 
 
 def _corrupt(directory, step: int, steps, rel: str, problem: str):
@@ -226,9 +225,9 @@ def restore(directory, target: Any, *, step: Optional[int] = None,
     for attempt in candidates:
       step_dir = _step_dir(manager, attempt)
       try:
-        _verify(directory, step_dir, attempt, steps)
+        saved_arrays = _verify(directory, step_dir, attempt, steps)
         restored = manager.restore(attempt, args=ocp.args.StandardRestore(abstract))
-        _verify_arrays(directory, step_dir, attempt, steps, restored)
+        _verify_arrays(directory, attempt, steps, saved_arrays, restored)
         break
       except CorruptCheckpointError as error:
         if attempt == candidates[-1]:
