@@ -33,6 +33,7 @@ from jaxrank._alora_reallocation import reallocation_plan
 from jaxrank._alora_schedule import alora as _alora_transform
 from jaxrank._alora_schedule import alora_check_schedule
 from jaxrank._alora_schedule import alora_freeze_masks
+from jaxrank._alora_schedule import alora_orthogonalize
 from jaxrank._alora_schedule import alora_round
 from jaxrank._alora_schedule import ALoRAState
 from jaxrank._alora_scoring import ablation_scores
@@ -141,6 +142,7 @@ __all__ = (
     "ALoRA",
     "alora_check_schedule",
     "alora_freeze_masks",
+    "alora_orthogonalize",
     "alora_reset_optimizer_state",
     "alora_round",
     "ALoRAState",

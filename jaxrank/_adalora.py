@@ -89,6 +89,7 @@ from jaxrank import _adalora_importance
 from jaxrank import _adalora_orthogonality
 from jaxrank import _budget
 from jaxrank import _nonfinite
+from jaxrank import _orthogonalize
 from jaxrank import _tree
 from jaxrank._adalora_spec import AdaLoRA
 
@@ -179,6 +180,7 @@ def adalora(
     orth_form: str = "paper",
     orth_normalize: bool = True,
     orth_beta: float = 0.9,
+    orthogonalize: bool = False,
     axis_name: Optional[str] = None,
     down_name: str = AdaLoRA.down_name,
     up_name: str = AdaLoRA.up_name,
@@ -209,6 +211,12 @@ def adalora(
     orth_normalize: True (jaxrank): ``∇C + γ ρ̄_t ∇R`` with ``ρ̄_t`` the bias-corrected EMA of
       ``RMS(∇C)``, independent of the loss scale; False: ``∇C + γ ∇R`` (the paper).
     orth_beta: EMA factor of ``ρ̄``.
+    orthogonalize: True (jaxrank's, opt-in): at every mask event the live
+      triplets of each matrix are rewritten as the exact SVD of ``Q diag(Λ) P`` (unit singular
+      vectors, ``λ_j`` = singular value; ``ΔW`` unchanged, :mod:`jaxrank._orthogonalize`)
+      before scoring; the inner first moments are zeroed (second moments, schedules go on).
+      The orthogonality term only approximates the SVD form eq. 3 assumes; with it exact,
+      ``importance="magnitude"`` ranks true singular values. False: the paper's triplets.
     axis_name: under ``pmap``/``shard_map``/``vmap``, the axis over which triplet scores are
       averaged (``lax.pmean``) before ranking, so every replica keeps the same triplets.
     down_name, up_name, gate_name: names of ``Q``, ``P`` in ``lora`` and ``Λ`` in ``gates``.
@@ -316,6 +324,20 @@ def adalora(
     mask_event = jnp.asarray(event_table)[table_index] & (step <= total_step)
     collecting = step < final_step
     in_final_phase = step > final_step
+
+    if orthogonalize:  # the live triplets as the exact SVD of each update (jaxrank)
+      rotate = mask_event & collecting
+      rotated = {}
+      for layer in layers.values():
+        parts = [layer.down, layer.up, layer.gate]
+        stepped = [leaves[i] + update_leaves[i] for i in parts]
+        for i, old, new in zip(parts, stepped, _orthogonalize.svd_form(*stepped, split="values")):
+          rotated[i] = jnp.where(rotate, new - leaves[i], update_leaves[i]).astype(
+              update_leaves[i].dtype)
+      inner_updates = _tree.replace_leaves(inner_updates, rotated)
+      update_leaves = {**update_leaves, **rotated}
+      fresh = _orthogonalize.restart_moments(inner_optimizer.init(params), inner_state)
+      inner_state = jax.tree.map(lambda f, o: jnp.where(rotate, f, o), fresh, inner_state)
 
     b1 = jnp.asarray(beta1, jnp.float32)
     b2 = jnp.asarray(beta2, jnp.float32)

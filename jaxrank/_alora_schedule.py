@@ -29,6 +29,7 @@ from jaxrank import _alora
 from jaxrank import _alora_reallocation
 from jaxrank import _alora_scoring
 from jaxrank import _nonfinite
+from jaxrank import _orthogonalize
 from jaxrank import _tree
 
 Array = jax.Array
@@ -99,6 +100,22 @@ def alora_freeze_masks(
 # --------------------------------------------------------------------------------------------
 
 
+def alora_orthogonalize(model_or_adapter, params):
+  """Every matrix's live ranks rewritten in the SVD form of its update (``ΔW`` and masks
+  unchanged), so that eq. 6 ablates one singular direction per rank instead of one of several
+  non-orthogonal pieces of the same direction (jaxrank's; :mod:`jaxrank._orthogonalize`)."""
+  adapter = _alora.alora_spec(model_or_adapter)
+  slots = _alora.Slots.of(adapter, params)
+  leaves = _tree.leaves_by_key(params)
+  new = {}
+  for layer in slots.layers:
+    keys = [slots.key(layer, c, n) for c, n in (("lora", adapter.down_name),
+                                                 ("lora", adapter.up_name), ("gates", _alora.MASK))]
+    down, up, _ = _orthogonalize.svd_form(*(leaves[k] for k in keys), split="factors")
+    new[keys[0]], new[keys[1]] = down, up
+  return _tree.replace_leaves(params, new)
+
+
 class ALoRAState(NamedTuple):
   """State of :func:`alora`."""
 
@@ -145,6 +162,7 @@ def alora(
     seed: int = 0,
     axis_name: Optional[str] = None,
     keep_budget: bool = True,
+    orthogonalize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """ALoRA's schedule (Algorithm 1) around an inner optimizer, in optimizer steps.
 
@@ -182,6 +200,12 @@ def alora(
       so the total live rank stays ``num_modules × initial_rank``
       (:func:`jaxrank.reallocation_plan`); False: the paper's rule, under which the total
       shrinks when no receiver has room.
+    orthogonalize: True (jaxrank's, opt-in): before scoring, each matrix's live
+      ranks are rewritten in the SVD form of its update (:func:`alora_orthogonalize`, the
+      function unchanged); the inner first moments are zeroed (second moments, schedules go on).
+      LoRA's ranks are not orthogonal, so one direction of the update is often split over
+      several ranks; every piece of the split then looks important to eq. 6's one-rank
+      ablations. False: the paper's scores of the ranks as trained.
 
   Returns:
     A ``GradientTransformationExtraArgs``; ``update(updates, state, params, *,
@@ -251,6 +275,8 @@ def alora(
       inner_updates, inner_state, rng = operand
       rng, key = jax.random.split(rng)
       stepped = optax.apply_updates(params, inner_updates)
+      if orthogonalize:
+        stepped = alora_orthogonalize(adapter, stepped)
       flat_scores, _ = _alora_scoring.scores_flat(loss_fn, slots, stepped, batch, chunk, limit)
       if axis_name is not None:
         flat_scores = jax.lax.pmean(flat_scores, axis_name)
@@ -259,12 +285,18 @@ def alora(
       scores = slots.unflatten(flat_scores)
       rounded, info = _alora_reallocation.prune_and_reallocate(
           adapter, stepped, scores, num_prune=n_a, rng=key, keep_budget=keep_budget)
+      if orthogonalize:  # every live factor moved: zero the first moments
+        inner_state = _orthogonalize.restart_moments(inner.init(rounded), inner_state)
       inner_state = _alora_reallocation.alora_reset_optimizer_state(
           adapter, inner_state, inner.init(rounded), rounded, info.added)
       added = slots.slot_masks_for_leaves(info.added)
+      rotated = {slots.key(l, "lora", n) for l in slots.layers
+                 for n in (adapter.down_name, adapter.up_name)} if orthogonalize else set()
 
       def new_update(keypath, update, old, new):
         name = _tree.keypath_names(keypath)
+        if name in rotated:
+          return (new - old).astype(update.dtype)
         if name in gate_keys:  # 0/1 gates: old + (new - old) == new exactly
           return (new - old).astype(update.dtype)
         if name in added:  # new slots: A re-initialised, B = 0 (exactly: old + -old)

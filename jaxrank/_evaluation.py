@@ -6,7 +6,7 @@ the adapters' ``init`` through a task (all re-exported by ``jaxrank.train``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,15 +39,19 @@ class TrainResult:
 
 
 def evaluate(model, task: tasks.Task, frozen, trainable, data, batch_size: int, _fn=None, *,
-             mesh: Optional[jax.sharding.Mesh] = None, data_axis: str = "data") -> dict:
+             mesh: Optional[jax.sharding.Mesh] = None, data_axis: str = "data",
+             bucket_lengths: Optional[Sequence[int]] = None) -> dict:
   """``task.summarize`` of the summed metrics over every example of ``data``.
 
-  With ``mesh``, each batch is split over its ``data_axis`` (see :func:`fit`).
+  With ``mesh``, each batch is split over its ``data_axis`` (see :func:`fit`). With
+  ``bucket_lengths``, each batch's token arrays are cut to the smallest bucket that holds its
+  longest row (:func:`jaxrank.batching.trim_to_bucket`), as :func:`fit` does for training:
+  only masked right padding is cut, so the metrics equal fixed padding's up to float rounding.
   """
   fn = _fn or make_eval_step(model, task)
   place = batch_placement(mesh, data_axis, eval_batch_size=batch_size)
   sums = None
-  for batch in eval_batches(data, batch_size):
+  for batch in eval_batches(data, batch_size, bucket_lengths=bucket_lengths):
     out = fn(frozen, trainable, place(batch))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   return task.summarize(jax.device_get(sums))

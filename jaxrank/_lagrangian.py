@@ -48,6 +48,7 @@ import optax
 
 from jaxrank import _budget
 from jaxrank import _nonfinite
+from jaxrank import _orthogonalize
 from jaxrank import _tree
 
 Array = jax.Array
@@ -163,6 +164,26 @@ def _harden_top(params, budget):
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+def _rotate_factors(rotate, params, updates, inner_state, inner):
+  """Where ``rotate``: the stepped factors of every gated matrix in SVD form, first moments zeroed."""
+  leaves, given = _tree.leaves_by_key(params), _tree.leaves_by_key(updates)
+  new = {}
+  for key in leaves:
+    if key[-1] != LOG_THETA or key[0] != _tree.GATES:
+      continue
+    a_key, b_key = (_tree.LORA, *key[1:-1], "A"), (_tree.LORA, *key[1:-1], "B")
+    if a_key not in leaves or b_key not in leaves:
+      continue
+    stepped = [leaves[k] + given[k] for k in (a_key, b_key)]
+    ones = jnp.ones(leaves[key].shape, stepped[0].dtype)  # every rank live
+    down, up, _ = _orthogonalize.svd_form(*stepped, ones, split="factors")
+    for k, v in ((a_key, down), (b_key, up)):
+      new[k] = jnp.where(rotate, v - leaves[k], given[k]).astype(given[k].dtype)
+  fresh = _orthogonalize.restart_moments(inner.init(params), inner_state)
+  inner_state = jax.tree.map(lambda f, o: jnp.where(rotate, f, o), fresh, inner_state)
+  return _tree.replace_leaves(updates, new), inner_state
+
+
 def lagrangian_ascent(
     learning_rate: ScalarOrSchedule,
     inner: optax.GradientTransformation,
@@ -172,6 +193,7 @@ def lagrangian_ascent(
     total_steps: Optional[int] = None,
     gate_optimizer: Optional[optax.GradientTransformation] = None,
     budget: Optional[jax.typing.ArrayLike] = None,
+    orthogonalize: bool = False,
     loss_decay: float = 0.98,
 ) -> optax.GradientTransformationExtraArgs:
   """SaLoRA's min-max optimizer (eq. 12): descent on everything, projected ascent on λ.
@@ -211,6 +233,11 @@ def lagrangian_ascent(
     total_steps: the training length, if known; the window must fit in it.
     gate_optimizer: the optimizer of ``log θ`` (default ``inner``).
     budget: total ranks kept by the in-step hardening at ``t_end − 1``, or ``None``.
+    orthogonalize: True (jaxrank's, opt-in): on the step before the window
+      (``t_start − 1``; nothing when ``t_start = 0``) every matrix's factors are
+      rewritten in the SVD form of ``A B`` (``ΔW`` unchanged, :mod:`jaxrank._orthogonalize`)
+      and the inner first moments are zeroed, so each gate starts on one singular direction instead of
+      one of several non-orthogonal pieces of the same direction. False: the paper's.
     loss_decay: EMA decay of the ``loss_scale`` leaves.
   """
   concrete = [_is_concrete_number(t) for t in (t_start, t_end)]
@@ -274,6 +301,10 @@ def lagrangian_ascent(
     scale_now = scale_leaves[0] if scale_leaves else jnp.ones([], jnp.float32)
 
     inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+    if orthogonalize:
+      rotate = count == jnp.asarray(t_start) - 1  # never at t_start = 0 (B = 0: nothing to do)
+      inner_updates, inner_state = _rotate_factors(rotate, params, inner_updates, inner_state,
+                                                   inner)
     gate_updates, new_gate_state = gate_tx.update(updates, state.gate_state, params,
                                                   **extra_args)
     # jaxrank: the gate optimizer counts only window steps (a late window starts afresh)

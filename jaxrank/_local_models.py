@@ -4,14 +4,18 @@
 ``model.safetensors`` or ``pytorch_model.bin``, tokenizer files) into the Flax classes of
 transformers 4.57, offline:
 
-* ``model_type`` ``bert``: ``FlaxBertForSequenceClassification`` with a fresh, seeded
-  ``classifier`` of ``num_labels`` outputs (a classifier of another size in the checkpoint is
-  replaced). A pooler in the checkpoint loads with its pretrained weights and stays frozen, as
-  in PyTorch + PEFT's sequence classification; only the classifier is the trained head. A
-  checkpoint without pooler weights gets a fresh pooler, which then trains with the classifier;
-* ``model_type`` ``llama``: ``FlaxLlamaForCausalLM``; tied embeddings
-  (``tie_word_embeddings``) become ``lm_head/kernel`` = the transposed token embedding (the
-  Flax LLaMA has no tying).
+* ``model_type`` ``bert``: ``FlaxBertForSequenceClassification`` with a ``classifier`` of
+  ``num_labels`` outputs: fresh and seeded for an encoder-only checkpoint; the saved one for a
+  classifier checkpoint of that size; for a saved classifier of another size, what
+  transformers' ``ignore_mismatched_sizes=True`` does: the encoder (and pooler) load, the
+  classifier is fresh, and a ``UserWarning`` names both sizes. A pooler in the checkpoint
+  loads with its pretrained weights and stays frozen, as in PyTorch + PEFT's sequence
+  classification; only the classifier is the trained head. A checkpoint without pooler
+  weights gets a fresh pooler, which then trains with the classifier;
+* ``model_type`` ``llama``: ``FlaxLlamaForCausalLM`` with RoPE at the config's ``rope_theta``
+  (:func:`jaxrank.models.llama.causal_lm_class`; transformers' class hard-codes 10000; a
+  ``rope_scaling`` config is refused); tied embeddings (``tie_word_embeddings``) become
+  ``lm_head/kernel`` = the transposed token embedding (the Flax LLaMA has no tying).
 
 The tokenizer is the folder's fast tokenizer (``transformers.AutoTokenizer``; its
 ``tokenizers.Tokenizer`` is what jaxrank encodes with). ``safetensors`` weights need no torch;
@@ -167,6 +171,57 @@ def _from_pretrained(cls, path: Path, **kwargs):
   return _quiet(cls.from_pretrained, str(path), from_pt=from_pt, local_files_only=True, **kwargs)
 
 
+def saved_classifier_size(path) -> Optional[int]:
+  """The output count of the checkpoint's saved ``classifier`` (None when it has none): the
+  shape of its bias in ``model.safetensors`` (or its index), ``pytorch_model.bin`` or
+  ``flax_model.msgpack``."""
+  path = Path(path).expanduser()
+  index = path / "model.safetensors.index.json"
+  if index.is_file():
+    weight_map = json.loads(index.read_text()).get("weight_map", {})
+    name = next((k for k in weight_map if k.endswith("classifier.bias")), None)
+    return None if name is None else _safetensors_shape(path / weight_map[name], name)[0]
+  if (path / "model.safetensors").is_file():
+    from safetensors import safe_open
+    with safe_open(str(path / "model.safetensors"), framework="numpy") as f:
+      name = next((k for k in f.keys() if k.endswith("classifier.bias")), None)
+      return None if name is None else int(f.get_slice(name).get_shape()[0])
+  if (path / "pytorch_model.bin").is_file():
+    import torch
+    state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True,
+                       mmap=True)
+    name = next((k for k in state if k.endswith("classifier.bias")), None)
+    return None if name is None else int(state[name].shape[0])
+  if (path / "flax_model.msgpack").is_file():
+    from flax import serialization
+    state = serialization.msgpack_restore((path / "flax_model.msgpack").read_bytes())
+    bias = state.get("classifier", {}).get("bias")
+    return None if bias is None else int(bias.shape[0])
+  return None  # sharded pytorch_model.bin: transformers reports a mismatch itself
+
+
+def _safetensors_shape(file: Path, name: str) -> tuple:
+  from safetensors import safe_open
+  with safe_open(str(file), framework="numpy") as f:
+    return tuple(int(n) for n in f.get_slice(name).get_shape())
+
+
+def _with_fresh_classifier(cls, path: Path, saved: int, num_labels: int, seed: int, dtype):
+  """``(model of num_labels classes, params)``: the checkpoint loaded at its own classifier size
+  (transformers' PyTorch-to-Flax conversion cannot skip a mismatched tensor), its classifier
+  replaced by the one a ``num_labels`` model initialises from ``seed`` (the classifier an
+  encoder-only checkpoint would get)."""
+  import copy
+  import jax
+  loaded = _from_pretrained(cls, path, num_labels=saved, seed=seed, dtype=dtype)
+  config = copy.deepcopy(loaded.config)
+  config.num_labels = num_labels  # fresh LABEL_i names of the new size
+  model = _quiet(cls, config, seed=seed, dtype=dtype, _do_init=False)
+  init = jax.jit(lambda key: model.init_weights(key, (1, 1))["classifier"])  # only the head
+  fresh = _quiet(init, jax.random.PRNGKey(seed))
+  return model, {**loaded.params, "classifier": fresh}
+
+
 def load_local_model(path, *, num_labels: Optional[int] = None, seed: int = 0, dtype=None,
                      bert_targets: Optional[Sequence[str]] = None) -> LocalModel:
   """Loads the Hugging Face model directory ``path`` (see the module docstring).
@@ -195,14 +250,28 @@ def load_local_model(path, *, num_labels: Optional[int] = None, seed: int = 0, d
     if num_labels is None or num_labels < 2:
       raise ValueError(f"a BERT-family model classifies: num_labels must be >= 2, got "
                        f"{num_labels}.")
-    hf = _from_pretrained(transformers.FlaxBertForSequenceClassification, path,
-                          num_labels=num_labels, seed=seed, dtype=dtype,
-                          ignore_mismatched_sizes=True)
+    cls = transformers.FlaxBertForSequenceClassification
+    saved = saved_classifier_size(path)
+    if saved is None or saved == num_labels:
+      hf = _from_pretrained(cls, path, num_labels=num_labels, seed=seed, dtype=dtype)
+      params = hf.params
+    else:
+      warnings.warn(
+          f"--model {path}: its saved classifier has {saved} outputs but the data has "
+          f"{num_labels} classes; loading the encoder and a fresh {num_labels}-way classifier "
+          "in its place (as transformers' ignore_mismatched_sizes=True does).", UserWarning,
+          stacklevel=2)
+      hf, params = _with_fresh_classifier(cls, path, saved, num_labels, seed, dtype)
     head = bert.HEAD_MODULES + (() if _has_weights_named(path, "pooler") else ("pooler",))
-    return LocalModel("bert", hf.module, hf.params, hf.config, tokenizer, head,
+    return LocalModel("bert", hf.module, params, hf.config, tokenizer, head,
                       tuple(bert_targets or bert.ALL_TARGETS), pad_id)
   from jaxrank.models import llama
-  hf = _from_pretrained(transformers.FlaxLlamaForCausalLM, path, dtype=dtype)
+  rope_scaling = json.loads((path / "config.json").read_text()).get("rope_scaling")
+  if rope_scaling:
+    raise ValueError(f"--model {path}: rope_scaling={rope_scaling!r} is not supported by the "
+                     "Flax LLaMA; use a checkpoint without rope_scaling.")
+  # RoPE at config.rope_theta (transformers' FlaxLlamaForCausalLM hard-codes 10000)
+  hf = _from_pretrained(llama.causal_lm_class(), path, dtype=dtype)
   params = jax.tree.map(jnp.asarray, hf.params)
   if getattr(hf.config, "tie_word_embeddings", False):
     embedding = params["model"]["embed_tokens"]["embedding"]

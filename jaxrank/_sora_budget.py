@@ -44,6 +44,7 @@ import optax
 
 from jaxrank import _budget
 from jaxrank import _nonfinite
+from jaxrank import _orthogonalize
 from jaxrank import _tree
 from jaxrank._sora import _no_gates_error
 from jaxrank._sora import _value
@@ -137,16 +138,7 @@ def sora_orthogonalize(params, collection: Optional[str] = GATE_COLLECTION,
     g, down, up = leaves[key], leaves[a_key], leaves[b_key]
     if down.ndim != 2 or up.ndim != 2 or g.ndim != 1:
       raise ValueError("sora_orthogonalize supports 2-D factors (one matrix per gate) only.")
-    f32 = jnp.float32
-    qa, ra = jnp.linalg.qr(down.astype(f32))  # d × r, r × r
-    qb, rb = jnp.linalg.qr(up.astype(f32).T)  # k × r, r × r
-    u, s, vt = jnp.linalg.svd((ra * g.astype(f32)) @ rb.T)  # core R_a diag(g) R_bᵀ
-    live = g != 0
-    comp = jnp.where(live, jnp.cumsum(live.astype(jnp.int32)) - 1, 0)  # j-th live slot ← s_j
-    root = jnp.cbrt(jnp.maximum(s, 1e-30))[comp]
-    new[a_key] = jnp.where(live[None, :], (qa @ u)[:, comp] * root, down.astype(f32))
-    new[b_key] = jnp.where(live[:, None], root[:, None] * (vt @ qb.T)[comp], up.astype(f32))
-    new[key] = jnp.where(live, root, 0.0)
+    new[a_key], new[b_key], new[key] = _orthogonalize.svd_form(down, up, g, split="gate")
   return _tree.replace_leaves(params, new)
 
 
@@ -202,7 +194,7 @@ def sora_budget(
     min_keep_fraction: ``m`` above.
     orthogonalize_every: ``K``: on steps ``t_init + jK < t_final`` (and ``t_final − 1``),
       before scoring, every layer is rewritten by :func:`sora_orthogonalize` and the inner
-      optimizer restarts (its moments refer to the old basis). ``None``: never.
+      optimizer's first moments are zeroed (they refer to the old basis). ``None``: never.
     collection, gate_name: where the gates live (``gates/.../g``).
   """
   inner = optax.with_extra_args_support(inner)
@@ -246,14 +238,14 @@ def sora_budget(
     pruning = jnp.logical_and(count >= t_init, count < t_final)
     leaves_p = _tree.leaves_by_key(params)
     if orthogonalize_every:
-      # jaxrank: rotate the stepped factors to the SVD form of each core, restart the moments
+      # jaxrank: rotate the stepped factors to the SVD form of each core, zero the first moments
       rotate = jnp.logical_and(pruning, jnp.logical_or(
           (count - t_init) % orthogonalize_every == 0, count == t_final - 1))
       full = optax.apply_updates(params, inner_updates)
       full = jax.lax.cond(rotate, lambda p: sora_orthogonalize(p, collection, gate_name),
                           lambda p: p, full)
       inner_updates = jax.tree.map(lambda n, p: (n - p).astype(n.dtype), full, params)
-      fresh = inner.init(full)
+      fresh = _orthogonalize.restart_moments(inner.init(full), inner_state)
       inner_state = jax.tree.map(lambda f, s: jnp.where(rotate, f, s), fresh, inner_state)
       leaves_s = _tree.leaves_by_key(full)
     else:

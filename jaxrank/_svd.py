@@ -13,8 +13,9 @@ Eckart–Young cut of the concatenated spectra) and re-factor the survivors in b
     A_i ← U_i √(σ_i / scale) m_i,   B_i ← √(σ_i / scale) V_iᵀ m_i,   m_i = [σ_ij > threshold_b]
 
 Shapes never change: a cut rank keeps zero factors and a 0 ``mask`` gate, and its updates are
-masked out, so the following *recovery* steps fine-tune only the ``b`` survivors. The inner
-optimizer restarts at the cut (its moments refer to the old, non-SVD basis).
+masked out, so the following *recovery* steps fine-tune only the ``b`` survivors. At the cut
+the inner optimizer's first moments are zeroed (they refer to the old, non-SVD basis); its
+second moments and learning-rate schedule continue (:func:`jaxrank._orthogonalize.restart_moments`).
 
 :class:`SVDTruncation` is the adapter (LoRA plus a 0/1 ``mask`` per rank in ``gates``);
 :func:`svd_truncation` wraps the inner optimizer and performs the cut (:func:`svd_truncate`);
@@ -48,6 +49,7 @@ import optax
 from jaxrank import _adapter
 from jaxrank import _budget
 from jaxrank import _nonfinite
+from jaxrank import _orthogonalize
 from jaxrank import _tree
 
 Array = jax.Array
@@ -170,8 +172,8 @@ def svd_truncation(
     stepped = optax.apply_updates(params, _mask_updates(inner_updates, params))
     cut = state.count == cut_step
     new = jax.lax.cond(cut, lambda p: svd_truncate(p, budget, scale), lambda p: p, stepped)
-    # jaxrank: the moments refer to the old factor basis, so the inner optimizer restarts
-    fresh = inner.init(new)
+    # jaxrank: the first moments refer to the old factor basis: zeroed (schedules continue)
+    fresh = _orthogonalize.restart_moments(inner.init(new), inner_state)
     inner_state = jax.tree.map(lambda f, s: jnp.where(cut, f, s), fresh, inner_state)
     new_updates = jax.tree.map(lambda n, p: (n - p).astype(p.dtype), new, params)
     return new_updates, SvdTruncationState(optax.safe_increment(state.count), inner_state,

@@ -2,9 +2,11 @@
 
 :func:`read_columns` reads the named columns of a local file with pyarrow (``.csv``,
 ``.jsonl``/``.json`` in JSON Lines form, ``.parquet``; the ``data`` extra). :func:`load_texts`
-turns a file, a ``datasets.Dataset``, a dict of columns or a ``(texts, labels)`` pair into a
-:class:`Texts`: the texts, the labels as class ids and the label names (strings or integers in
-the file; the names are their sorted distinct values, kept in the exported config).
+turns a file, a table with column access (a ``datasets.Dataset``, a pandas or polars
+DataFrame, a pyarrow Table; jaxrank does not need the ``datasets`` package), a dict of columns
+or a ``(texts, labels)`` pair into a :class:`Texts`: the texts, the labels as class ids and
+the label names (strings or integers in the file; the names are their sorted distinct values,
+kept in the exported config).
 :func:`stratified_holdout` splits off a seeded, per-class fraction for validation when the user
 has no validation file. Every bad input raises a ``ValueError`` that names the argument and
 the fix, before anything is tokenised or trained.
@@ -24,8 +26,9 @@ Example:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -110,22 +113,85 @@ def _read_table(path: Path, kind: str):
 
 
 def _columns(source, fields: Sequence[str], option: str) -> dict:
-  """The columns of any accepted source (file path, Dataset, dict, (texts, labels))."""
-  if isinstance(source, (str, Path)):
+  """The columns of any accepted source (file path, table, dict, (texts, labels))."""
+  if isinstance(source, (str, os.PathLike)):
     return read_columns(source, fields, option=option)
   if isinstance(source, tuple) and len(source) in (1, 2):
-    return dict(zip(fields, source))
-  names = getattr(source, "column_names", None) or (list(source) if hasattr(source, "keys")
-                                                    else None)
-  if names is None:
-    raise ValueError(f"{option}: expected a file path, a datasets.Dataset, a dict of columns "
-                     f"or a (texts, labels) pair, got {type(source).__name__}.")
+    if len(source) < len(fields):
+      raise ValueError(f"{option}: a (texts,) tuple has no labels; pass (texts, labels), or "
+                       "label_field=None to train a causal LM on the texts.")
+    return {field: _as_list(column, field, option) for field, column in zip(fields, source)}
+  names = column_names(source)
+  if isinstance(names, Mapping):  # datasets.DatasetDict: {split: [columns]}
+    raise ValueError(f"{option}: a dataset of splits ({', '.join(map(str, names))}), not one "
+                     "table; pass one split, e.g. train=ds['train'], "
+                     "validation=ds['validation'].")
+  if names is None or not hasattr(source, "__getitem__"):
+    raise ValueError(
+        f"{option}: expected a file path, a table with column access (a datasets.Dataset, a "
+        f"pandas or polars DataFrame, a pyarrow Table: data[name] and column_names, columns "
+        f"or keys()), a dict of columns or a (texts, labels) pair, got "
+        f"{type(source).__module__}.{type(source).__name__}.")
   for field in fields:
     if field not in names:
       raise ValueError(f"{option}: no column {field!r}; its columns are "
                        f"{', '.join(map(str, names))}. Pass the right text_field / "
                        "label_field.")
-  return {field: list(source[field]) for field in fields}
+  columns = {}
+  for field in fields:
+    try:
+      column = source[field]
+    except (KeyError, TypeError, IndexError, ValueError) as error:
+      raise ValueError(f"{option}: {type(source).__name__}[{field!r}] does not give the "
+                       f"column ({type(error).__name__}: {error}); pass a table with column "
+                       "access, a dict of columns or a (texts, labels) pair.") from None
+    columns[field] = _as_list(column, field, option)
+  return columns
+
+
+def column_names(source) -> Optional[Sequence]:
+  """The column names of a table-like ``source``: ``column_names`` (``datasets.Dataset``,
+  pyarrow; a dict of split names for a ``DatasetDict``), ``columns`` (pandas, polars) or
+  ``keys()`` (dicts); None for anything else.
+
+  >>> column_names({"text": [], "label": []}), column_names(["a", "b"])
+  (['text', 'label'], None)
+  """
+  names = getattr(source, "column_names", None)
+  if names is None:
+    names = getattr(source, "columns", None)
+  if names is None and callable(getattr(source, "keys", None)):
+    names = source.keys()
+  if names is None or isinstance(names, (str, bytes)):
+    return None
+  if isinstance(names, Mapping):
+    return names
+  try:
+    return list(names)
+  except TypeError:
+    return None
+
+
+def _as_list(column, field: str, option: str) -> list:
+  """A column (list, tuple, numpy array, pandas/polars Series, pyarrow array,
+  ``datasets`` column) as a list of Python values."""
+  if isinstance(column, (str, bytes)):
+    raise ValueError(f"{option}: column {field!r} is one string, not a column of values; "
+                     "pass a list (one entry per example).")
+  values = None
+  for method in ("to_pylist", "tolist", "to_list"):  # pyarrow, numpy/pandas, polars
+    if callable(getattr(column, method, None)):
+      values = getattr(column, method)()
+      break
+  else:
+    try:
+      values = list(column)
+    except TypeError:
+      pass
+  if not isinstance(values, list):
+    raise ValueError(f"{option}: column {field!r} ({type(column).__name__}) is not a "
+                     "sequence of values (one per example).")
+  return values
 
 
 def encode_labels(values: Sequence[Any], label_names: Optional[Sequence[str]] = None, *,
@@ -164,8 +230,16 @@ def _is_number(text: str) -> bool:
 def load_texts(source, *, text_field: str = "text", label_field: Optional[str] = None,
                label_names: Optional[Sequence[str]] = None,
                option: str = "--train") -> Texts:
-  """A :class:`Texts` from a file path, a ``datasets.Dataset``, a dict of columns or a
-  ``(texts, labels)`` pair; ``label_field=None`` reads texts only (causal LM).
+  """A :class:`Texts` from a file path, a table, a dict of columns or a ``(texts, labels)``
+  pair; ``label_field=None`` reads texts only (causal LM).
+
+  A table is any object with column access: ``source[name]`` gives a column and
+  ``column_names``, ``columns`` or ``keys()`` lists the names. That covers an in-memory
+  ``datasets.Dataset`` (``Dataset.from_dict``, ``load_dataset(...)["train"]``; jaxrank does not
+  import or need the ``datasets`` package), pandas and polars DataFrames and pyarrow Tables.
+  A column is a list, tuple, numpy array, Series or Arrow array. A ``DatasetDict`` (several
+  splits), a column name that is missing and any other object raise a ``ValueError`` that
+  says what to pass instead.
 
   ``label_names`` (from the training split) fix the class ids of a validation or test split.
   ``option`` names the source in error messages (``--train``, ``--validation``, ``--test``).

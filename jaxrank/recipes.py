@@ -125,7 +125,7 @@ def sora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional[in
   ``normalize=True`` (jaxrank): the threshold is relative to the task loss and in Adam's
   metric, so the default λ holds when the loss is scaled. ``orthogonalize_every=50`` (jaxrank):
   every 50 pruning steps each layer is rewritten in the SVD form of its core and the optimizer
-  restarts, so scores are singular values. The paper's form is ``normalize=False,
+  restarts its first moments, so scores are singular values. The paper's form is ``normalize=False,
   orthogonalize_every=None, init_fraction=0.1``. ``alpha`` defaults to 2 × ``rank``.
   """
   spec = jaxrank.SoRA(rank=rank, alpha=default_alpha(alpha, rank), dropout=dropout)
@@ -147,6 +147,7 @@ def adalora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional
                    weight_decay: float = 0.0, orthogonality_weight: float = 1.0,
                    orthogonality_form: str = "paper", orthogonality_normalize: bool = True,
                    init_std: Optional[float] = None, importance: str = "sensitivity",
+                   orthogonalize: bool = False,
                    lr_factor: float = 1.0, tinit: Optional[int] = None,
                    tfinal: Optional[int] = None, delta_t: int = 10, init_fraction: float = 0.1,
                    final_fraction: float = 0.6) -> Recipe:
@@ -165,7 +166,13 @@ def adalora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional
       loss-scale free; False: the paper's ``∇C + γ ∇R``), see :func:`jaxrank.adalora`.
     init_std: std of ``P``, ``Q``; ``None`` (default) = ``1/sqrt(fan)``, unit-norm singular
       vectors, so no learning-rate factor is needed (0.02 is PEFT's).
-    importance: ``"sensitivity"`` (eq. 7–11) or ``"magnitude"``.
+    importance: ``"sensitivity"`` (default, eq. 7–11, the paper's choice) or ``"magnitude"``
+      (``|λ_i| ‖P_*i‖ ‖Q_i*‖``, the paper's first option, §3.2).
+    orthogonalize: False (default); True (jaxrank's, opt-in): at every mask event the live
+      triplets are made the exact SVD of each update before scoring (:func:`jaxrank.adalora`).
+      With ``importance="magnitude"`` this found the planted ranks in every setting of
+      benchmarks/rank_recovery.py, but left MiniLM untrained in ``jaxrank demo`` (33.9 %
+      test accuracy, benchmarks/README.md §4), so it is not the default yet.
     lr_factor: the factors' learning rate is ``lr_factor ×`` the run's schedule (default 1).
     init_fraction, final_fraction: ``tinit = ⌊init_fraction·T⌋`` warmup steps (0.1) and the
       final allocation at ``final_fraction·T`` (0.6), i.e. ``tfinal = T −`` that.
@@ -184,7 +191,8 @@ def adalora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional
                            target_r=budget_rank, tinit=warm, tfinal=tail, total_step=steps,
                            deltaT=delta_t, importance=importance,
                            orth_weight=orthogonality_weight, orth_form=orthogonality_form,
-                           orth_normalize=orthogonality_normalize)
+                           orth_normalize=orthogonality_normalize,
+                           orthogonalize=orthogonalize)
 
   def pattern(model, variables, opt_state):
     return {k: int(v.sum()) for k, v in jaxrank.adalora_rank_pattern(opt_state).items()}
@@ -197,7 +205,7 @@ def salora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional[
                   weight_decay: float = 0.0, lambda_learning_rate: float = 1.0,
                   init_fraction: float = 0.0, final_fraction: float = 0.6,
                   gate_learning_rate: float = 0.05, orthogonality_weight: float = 0.1,
-                  normalize: bool = True) -> Recipe:
+                  normalize: bool = True, orthogonalize: bool = False) -> Recipe:
   """SaLoRA (Hu et al., 2023): hard-concrete gates under a Lagrangian density constraint.
 
   Factors: AdamW at the run's schedule. ``log θ``: Adam at the constant ``gate_learning_rate``
@@ -207,8 +215,11 @@ def salora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional[
   most likely open are hardened open and the rest closed (inside the step); the remaining
   steps fine-tune them with the gates frozen: no cut after training. ``normalize=True``
   (jaxrank) multiplies β (``orthogonality_weight``) and λ's terms by the task-loss EMA
-  (:func:`jaxrank.salora_add_loss_scale`); ``False`` is eq. 12 as written. ``alpha`` defaults
-  to 2 × ``rank``.
+  (:func:`jaxrank.salora_add_loss_scale`); ``False`` is eq. 12 as written.
+  ``orthogonalize=True`` (jaxrank's, opt-in, with ``init_fraction > 0``) rewrites the factors
+  in the SVD form of each update just before the window, so every gate decides one singular
+  direction (benchmarks/README.md §4 measures ``init_fraction=0.3, orthogonalize=True``). ``alpha``
+  defaults to 2 × ``rank``.
   """
   spec = jaxrank.SaLoRA(rank=rank, alpha=default_alpha(alpha, rank), dropout=dropout)
   density = budget_rank / rank
@@ -219,7 +230,7 @@ def salora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional[
         lambda_learning_rate, optax.adamw(ctx.schedule, weight_decay=weight_decay),
         t_start=int(round(init_fraction * steps)), t_end=_final_step(steps, final_fraction),
         total_steps=steps, gate_optimizer=optax.adam(gate_learning_rate),
-        budget=budget_rank * ctx.num_matrices)
+        budget=budget_rank * ctx.num_matrices, orthogonalize=orthogonalize)
 
   def prepare(model, variables):
     variables = jaxrank.add_lagrange_multiplier(variables)
@@ -252,8 +263,8 @@ def alora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional[i
                  alpha: Optional[float] = None, dropout: float = 0.0, weight_decay: float = 0.0,
                  rounds: int = 5, ranks_per_round: Optional[int] = None,
                  scoring_examples: int = 64, chunk_size: Optional[int] = None,
-                 keep_budget: bool = True, init_fraction: float = 0.2,
-                 final_fraction: float = 0.7) -> Recipe:
+                 keep_budget: bool = True, orthogonalize: bool = False,
+                 init_fraction: float = 0.2, final_fraction: float = 0.7) -> Recipe:
   """ALoRA (Liu et al., 2024): ablation scoring, pruning and reallocation of ranks.
 
   Every matrix starts with ``budget_rank`` live ranks out of ``rank`` slots. After a warmup
@@ -264,7 +275,11 @@ def alora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional[i
   matrices) and re-add exactly as many (``keep_budget``, jaxrank's; False: the paper's rule,
   under which the total can shrink). The pattern after the last round is fine-tuned to the end,
   at exactly ``budget_rank × matrices`` live ranks: no cut after training. Rounds that would
-  not fit in ``T`` are dropped. ``alpha`` defaults to 2 × ``budget_rank`` (the initial rank).
+  not fit in ``T`` are dropped. ``orthogonalize=True`` (jaxrank's, opt-in): each round first
+  rewrites every matrix's live ranks in the SVD form of its update (the function unchanged),
+  so eq. 6 ablates one singular direction per rank; the default scores the ranks as trained
+  (the paper). It did not improve the allocation in benchmarks/rank_recovery.py and made
+  the 1- and 2-device runs of one tiny demo pick different ranks, so it is off. ``alpha`` defaults to 2 × ``budget_rank`` (the initial rank).
   """
   spec = jaxrank.ALoRA(rank=rank, initial_rank=budget_rank,
                        alpha=default_alpha(alpha, budget_rank), dropout=dropout)
@@ -280,7 +295,8 @@ def alora_recipe(*, rank: int = 8, budget_rank: int = 4, total_steps: Optional[i
                          warmup_steps=warmup, recovery_steps=recovery, num_rounds=fitting,
                          ranks_per_round=per_round, total_steps=steps,
                          validation_batch=_first(ctx.validation_batch, scoring_examples),
-                         chunk_size=alora_chunk_size(chunk_size), keep_budget=keep_budget)
+                         chunk_size=alora_chunk_size(chunk_size), keep_budget=keep_budget,
+                         orthogonalize=orthogonalize)
 
   return Recipe(name="alora", adapter=spec, optimizer=optimizer, separate_head=False)
 

@@ -1,11 +1,17 @@
 """Fine-tune on your own texts from Python: the path of ``jaxrank finetune --train FILE``.
 
 :func:`finetune_texts` takes texts and labels (a ``(texts, labels)`` pair, a dict of columns,
-a ``datasets.Dataset`` or a CSV/JSON Lines/Parquet path), a base model (``minilm``,
-``smollm2`` or a local Hugging Face model folder) and a method (a :class:`jaxrank.Recipe` or
-its name), tokenises with the model's tokenizer, holds out a stratified validation fraction
-when no validation split is given, trains with length bucketing and returns the trained
-result with its metrics (accuracy and macro-F1, or perplexity), rank pattern and label names.
+a ``datasets.Dataset`` or another table with column access, or a CSV/JSON Lines/Parquet
+path), a base model (``minilm``, ``smollm2`` or a local Hugging Face model folder) and a method
+(a :class:`jaxrank.Recipe` or its name), tokenises with the model's tokenizer, holds out a
+stratified validation fraction when no validation split is given, trains and evaluates with
+length bucketing and returns the trained result with its metrics (accuracy and macro-F1, or
+perplexity), rank pattern and label names.
+
+A local BERT folder loads as transformers loads it for a new task: the encoder and pooler from
+the checkpoint, a fresh classifier of the data's class count (a saved classifier of another
+size is replaced, with a warning naming both sizes, as ``ignore_mismatched_sizes=True``). A
+local LLaMA folder runs RoPE at its config's ``rope_theta`` (its logits are PyTorch's).
 
 Example (needs the MiniLM package; a minute on two cores):
   >>> import jaxrank
@@ -50,29 +56,42 @@ def finetune_texts(model: str, method, train, *, validation=None, test=None,
 
   Args:
     model: ``"minilm"``, ``"smollm2"`` or a Hugging Face model folder (BERT family:
-      classification; LLaMA family: causal LM, with ``label_field=None``).
+      classification; LLaMA family: causal LM, with ``label_field=None``); see
+      :func:`jaxrank._local_models.load_local_model`.
     method: a :class:`jaxrank.Recipe` (``jaxrank.recipe("sora", budget_rank=4, dropout=0.1)``)
       or a recipe name (its defaults at ``total_steps=steps``).
     train, validation, test: ``(texts, labels)`` pairs (a list of texts for causal LM), dicts
-      of columns, ``datasets.Dataset``\\ s or file paths. Without ``validation``, a seeded,
-      stratified ``validation_fraction`` of ``train`` is held out.
+      of columns, tables with column access or file paths (CSV, JSON Lines, Parquet). A table
+      is any object where ``data[name]`` is a column and ``column_names``, ``columns`` or
+      ``keys()`` lists the names: a ``datasets.Dataset`` (one split, e.g.
+      ``Dataset.from_dict(...)`` or ``load_dataset(...)["train"]``; jaxrank itself does not
+      need the ``datasets`` package), a pandas or polars DataFrame, a pyarrow Table. Anything
+      else, and a ``DatasetDict`` of several splits, raises a ValueError saying what to pass.
+      Without ``validation``, a seeded, stratified ``validation_fraction`` of ``train`` is
+      held out.
     text_field, label_field: the column names of dicts, Datasets and files.
     steps, batch_size, max_length, learning_rate, head_learning_rate, head_weight_decay,
       eval_every, seed: as in :func:`jaxrank.train.fit` (``max_length``: tokens per text).
-    bucketing: pad each batch to the smallest of a few lengths (default) or to
-      ``max_length``. No training row is dropped: the last partial batch of an epoch is
-      filled with rows of weight 0.
+    bucketing: pad each training, validation and test batch to the smallest of a few lengths
+      that holds its longest text (default; the metrics equal fixed padding's up to float
+      rounding) or to ``max_length``. No training row is dropped: the last partial batch of
+      an epoch is filled with rows of weight 0.
     output_dir: also write ``metrics.json``, ``metrics.jsonl``, the heatmap, the checkpoint
       and the adapter (with the label names) there, as the CLI does.
 
   Raises:
-    ValueError: for bad input (an unsupported model, a missing field, one class, no texts).
+    ValueError: for bad input (an unsupported model, a missing field, one class, no texts, a
+      data object without column access).
+
+  Warns:
+    UserWarning: a BERT folder's saved classifier has another size than the data's classes
+      (a fresh classifier is trained in its place).
   """
   from jaxrank import _report
   from jaxrank import recipes
   from jaxrank import setups
-  if isinstance(train, list):
-    train = (train,)
+  as_columns = lambda split: (split,) if isinstance(split, list) else split  # causal-LM texts
+  train, validation, test = as_columns(train), as_columns(validation), as_columns(test)
   if isinstance(method, str):
     method = recipes.recipe(method, total_steps=steps)
   setup = setups.own_data_setup(

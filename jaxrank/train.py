@@ -290,7 +290,7 @@ def fit(
       each process gathers and places only its rows of every global batch
       (:func:`jaxrank.distributed.local_batches`): call ``fit`` with the same arguments in
       every process.
-    bucket_lengths: length bucketing of the training batches
+    bucket_lengths: length bucketing of the training, evaluation and test batches
       (:func:`jaxrank.batching.trim_to_bucket`): each batch's token arrays are cut to the
       smallest of these lengths that holds its longest row, e.g.
       :func:`jaxrank.batching.bucket_lengths`; ``None`` (default): every batch at the data's
@@ -336,13 +336,13 @@ def fit(
   # not donated: the last finite state must survive a step that turns it into NaN
   train_step = jit_train_step(make_train_step(model, method, task, prepared.tx), mesh,
                               donate=False)
-  on_mesh = dict(mesh=mesh, data_axis=data_axis)
+  eval_options = dict(mesh=mesh, data_axis=data_axis, bucket_lengths=bucket_lengths)
 
   eval_step = make_eval_step(model, task)
   history = []
   if eval_at_start and eval_data is not None:
     metrics = evaluate(model, task, frozen, state.trainable, eval_data, eval_batch_size, eval_step,
-                       **on_mesh)
+                       **eval_options)
     _fit_checks.check_metrics(0, metrics, state, history)
     history.append({"step": 0, "train_loss": None, **{f"eval_{k}": v for k, v in metrics.items()}})
   if mesh is not None and jax.process_count() > 1:  # gather and place this process's rows only
@@ -374,7 +374,7 @@ def fit(
       bar.step(running)
       if eval_data is not None and eval_every and step % eval_every == 0 and step < steps:
         metrics = evaluate(model, task, frozen, state.trainable, eval_data, eval_batch_size,
-                           eval_step, **on_mesh)
+                           eval_step, **eval_options)
         _fit_checks.check_metrics(step, metrics, state, history)
         record = {"step": step, "train_loss": running,
                   **{f"eval_{k}": v for k, v in metrics.items()},
@@ -400,7 +400,7 @@ def fit(
   final = {}
   if eval_data is not None:
     metrics = evaluate(model, task, frozen, trainable, eval_data, eval_batch_size, eval_step,
-                       **on_mesh)
+                       **eval_options)
     _fit_checks.check_metrics(steps, metrics, state, history)
     final.update({f"eval_{k}": v for k, v in metrics.items()})
     history.append({"step": steps, "train_loss": running, **final,
@@ -408,7 +408,7 @@ def fit(
                                         state.opt_state)})
   if test_data is not None:
     metrics = evaluate(model, task, frozen, trainable, test_data, eval_batch_size, eval_step,
-                       **on_mesh)
+                       **eval_options)
     _fit_checks.check_metrics(steps, metrics, state, history, split="test")
     final.update({f"test_{k}": v for k, v in metrics.items()})
   variables_out = join(frozen, trainable)

@@ -10,13 +10,13 @@ Modes:
         ``OUT/<method>.npz`` (final lora/gates/head), every process writes
         ``OUT/<method>_pattern_p<I>.json`` (the rank pattern it holds); with ``--export``,
         the PEFT adapter and the merged kernels are written through ``write_once`` and every
-        process logs the files it opened for writing there, and their mtimes
-        (``OUT/<method>_writes_p<I>.json``).
+        process logs the files it opened for writing there (Python ``open``/renames and
+        safetensors' native writes), and their mtimes (``OUT/<method>_writes_p<I>.json``).
   loop  ``train.setup`` + ``jit_train_step`` for ``--steps`` steps of one method with a
         checkpoint every ``--save-every`` steps under ``OUT/ckpt``; ``--resume`` restores the
-        latest checkpoint first (saved by a job of any process count), ``--die-at S`` makes
-        process 1 exit abruptly before step S. Process 0 writes ``OUT/state.npz`` (every leaf
-        of the final state).
+        latest checkpoint first (saved by a job of any process count; prints ``restored step
+        N``), ``--die-at S`` makes process 1 exit abruptly before step S. Process 0 writes
+        ``OUT/state.npz`` (every leaf of the final state).
 """
 
 import argparse
@@ -102,9 +102,21 @@ def host_leaves(tree) -> dict:
           for path, leaf in leaves}
 
 
+def _log_native_writes():
+  """safetensors writes its files from Rust (no ``open`` audit event): log its calls too."""
+  import safetensors.numpy
+  save_file = safetensors.numpy.save_file
+
+  def logged(tensors, filename, *args, **kwargs):
+    WRITES.append(os.fspath(filename))
+    return save_file(tensors, filename, *args, **kwargs)
+  safetensors.numpy.save_file = logged  # jaxrank imports it at each call
+
+
 def run_fit():
   if OPTIONS.export:
     sys.addaudithook(_audit)
+    _log_native_writes()
   train_data, eval_data = data()
   for method in OPTIONS.methods.split(","):
     result = train.fit(BASE, VARIABLES, make_recipe(method, OPTIONS.steps), TASK,
@@ -128,7 +140,7 @@ def run_fit():
 
 def export(result, method):
   """The PEFT adapter and the merged kernels, written once (process 0, after a barrier)."""
-  from safetensors.numpy import save_file
+  import safetensors.numpy
   host = jaxrank.distributed.fetch(result.variables)  # collective: every process
   merged = jaxrank.distributed.fetch(jaxrank.merge(result.model, result.variables))
   on_host = result.__class__(**{**result.__dict__, "variables": host,
@@ -140,7 +152,7 @@ def export(result, method):
   jaxrank.distributed.write_once(f"{method}_adapter",
                                  lambda: train.export_adapter(on_host, adapter_dir))
   merged_path = os.path.join(OPTIONS.out, f"{method}_merged.safetensors")
-  jaxrank.distributed.write_once(f"{method}_merged", lambda: save_file(
+  jaxrank.distributed.write_once(f"{method}_merged", lambda: safetensors.numpy.save_file(
       {"/".join(k): np.ascontiguousarray(v)
        for k, v in traverse_util.flatten_dict(merged).items()}, merged_path))
   stamps = {p: os.stat(p).st_mtime_ns for p in _files(adapter_dir) + [merged_path]}
@@ -170,6 +182,7 @@ def run_loop():
   state, ckpt = prepared.state, os.path.join(OPTIONS.out, "ckpt")
   if OPTIONS.resume and jaxrank.checkpoint.latest_step(ckpt) is not None:
     state = jaxrank.checkpoint.restore(ckpt, state)
+    print(f"process {OPTIONS.process_id} restored step {int(state.step)}", flush=True)
   if multi:
     rows = jaxrank.distributed.process_rows(mesh, OPTIONS.batch_size)
     iterator = jaxrank.distributed.local_batches(train_data, OPTIONS.batch_size, rows)

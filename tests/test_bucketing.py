@@ -1,6 +1,8 @@
 """Length bucketing: each batch padded to the smallest of a few lengths gives the same training
 as fixed padding (the attention mask hides the padding), up to floating-point rounding."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -77,3 +79,47 @@ def test_every_row_once_per_epoch_without_drop_remainder():
   assert [b["weight"].tolist() for b in epoch][-1] == [1.0, 1.0, 0.0, 0.0]
   dropped = batching.batches(data, 4, seed=0)
   assert sum(len(next(dropped)["x"]) for _ in range(2)) == 8  # the default drops 2 rows
+
+
+def _shape_recording(task, shapes):
+  """``task`` whose eval metrics record the token length of every batch shape they trace."""
+  def metrics(outputs, batch):
+    shapes.add(batch["input_ids"].shape[1])  # runs once per traced shape (jitted eval step)
+    return task.metrics(outputs, batch)
+  return dataclasses.replace(task, metrics=metrics)
+
+
+def test_evaluation_batches_are_bucketed_and_score_as_fixed_padding():
+  config = transformers.BertConfig(
+      vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+      intermediate_size=32, max_position_embeddings=MAX_LENGTH, num_labels=2,
+      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  hf = transformers.FlaxBertForSequenceClassification(config, seed=0)
+  data, held, test = _data(), _data(20, seed=1), _data(12, seed=2)
+  buckets = batching.bucket_lengths(MAX_LENGTH)
+  runs, eval_shapes = {}, {}
+  for name, lengths in (("fixed", None), ("bucketed", buckets)):
+    eval_shapes[name] = set()
+    runs[name] = train.fit(
+        hf.module, {"params": hf.params}, recipes.lora_recipe(rank=2),
+        _shape_recording(bert.classification_task(num_classes=2), eval_shapes[name]),
+        train_data=data, eval_data=held, test_data=test, steps=4, batch_size=8,
+        eval_every=2, eval_at_start=True, learning_rate=1e-2, head=bert.HEAD_MODULES,
+        targets=list(bert.ALL_TARGETS), progress=False, bucket_lengths=lengths)
+  assert eval_shapes["fixed"] == {MAX_LENGTH}
+  # every eval/test batch of these rows (3 to 20 tokens) fits 16 or 24 tokens
+  assert eval_shapes["bucketed"] and max(eval_shapes["bucketed"]) < MAX_LENGTH
+  fixed, bucketed = runs["fixed"], runs["bucketed"]
+  assert set(fixed.final_metrics) == set(bucketed.final_metrics) >= {
+      "eval_accuracy", "eval_macro_f1", "eval_loss", "test_accuracy", "test_loss"}
+  for key, value in fixed.final_metrics.items():
+    assert abs(value - bucketed.final_metrics[key]) < 1e-5, key
+  for a, b in zip(fixed.history, bucketed.history):  # steps 0, 2 and 4
+    assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-5
+  # the same variables scored both ways: only rounding separates bucketed and fixed evaluation
+  model, task = fixed.model, bert.classification_task(num_classes=2)
+  scores = {name: train.evaluate(model, task, fixed.variables, {}, held, 8,
+                                 bucket_lengths=lengths)
+            for name, lengths in (("fixed", None), ("bucketed", buckets))}
+  for key, value in scores["fixed"].items():
+    assert abs(value - scores["bucketed"][key]) < 1e-5, key

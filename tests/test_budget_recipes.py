@@ -195,7 +195,8 @@ def test_salora_paper_penalty_is_not_loss_scale_free():
   lambdas = []
   for scale in (1.0, 64.0):
     result = _fit(recipes.salora_recipe(rank=4, budget_rank=BUDGET_RANK, total_steps=100,
-                                        final_fraction=0.9, normalize=False),
+                                        init_fraction=0.0, final_fraction=0.9,
+                                        normalize=False),
                   steps=100, scale=scale)
     lambdas.append(float(result.variables["gates"][LAGRANGE_MULTIPLIER]))
   assert abs(lambdas[1] - lambdas[0]) > 0.2 * lambdas[0]

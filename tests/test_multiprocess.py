@@ -84,14 +84,20 @@ def test_two_processes_match_one_and_export_once(tmp_path):
   _assert_written_once(tmp_path / "job2", "adalora", 2)
 
 
+def _every_method():
+  from jaxrank import recipes
+  assert sorted(METHODS) == sorted(recipes.RECIPES)  # a new method joins these tests
+  return METHODS
+
+
 @pytest.mark.slow
 def test_two_processes_every_method(tmp_path):
-  compare_fit(tmp_path, METHODS, 2)
+  compare_fit(tmp_path, _every_method(), 2)
 
 
 @pytest.mark.slow
 def test_four_processes_every_method(tmp_path):
-  compare_fit(tmp_path, METHODS, 4)
+  compare_fit(tmp_path, _every_method(), 4)
 
 
 def _state(directory):
@@ -114,7 +120,11 @@ def test_checkpoint_restores_into_another_process_count(tmp_path, first, second)
   ok(launch("loop", saved, first, *steps)[0])
   os.makedirs(restored)
   os.symlink(saved / "ckpt", restored / "ckpt")
-  ok(launch("loop", restored, second, *steps, "--resume")[0])
+  results = launch("loop", restored, second, *steps, "--resume")[0]
+  ok(results)
+  for i, (_, output) in enumerate(results):  # restored, not retrained: no step ran
+    assert f"process {i} restored step 12" in output, output[-3000:]
+    assert " step 1 at" not in output and " step 12 at" not in output, output[-3000:]
   assert (saved / "ckpt" / "12" / "jaxrank_checksums.json").exists()
   _assert_same_state(_state(saved), _state(restored))
 
@@ -128,32 +138,53 @@ def test_killed_process_stops_the_job_and_the_restart_resumes_exactly(tmp_path):
   whole, broken = tmp_path / "whole", tmp_path / "broken"
   ok(launch("loop", whole, 2, *flags)[0])
   results, seconds = launch("loop", broken, 2, *flags, "--die-at", 9, timeout=300)
+  ended = time.time()  # process 0 ended last (process 1 was already gone)
   (code0, out0), (code1, out1) = results
-  print(f"the job with a killed process ended after {seconds:.1f} s, process 0 exit {code0}")
   assert code1 == 17, out1[-2000:]
+  last_step = float(out1.split("process 1 step 8 at ")[1].split()[0])  # then it died
+  print(f"the job with a killed process ended after {seconds:.1f} s; process 0 exited "
+        f"{code0}, {ended - last_step:.1f} s after process 1's last step")
   assert code0 != 0 and "[killed by the test" not in out0, out0[-3000:]
-  # JAX's coordination service names the lost process: "... (stopped sending heartbeats):\n1"
-  assert "stopped sending heartbeats):\n1\n" in out0, out0[-3000:]
+  assert seconds < 300 and ended - last_step < 60  # heartbeat timeout 5 s, not a hang
+  # JAX's coordination service names the lost process (its id on the next line)
+  assert ("The following tasks are unhealthy (stopped sending heartbeats):\n1\n"
+          in out0), out0[-3000:]
   assert sorted(d for d in os.listdir(broken / "ckpt") if d.isdigit()) == ["4", "8"]  # the job did not finish
-  ok(launch("loop", broken, 2, *flags, "--resume")[0])
+  resumed = launch("loop", broken, 2, *flags, "--resume")[0]
+  ok(resumed)
+  for i, (_, output) in enumerate(resumed):  # from the step-8 checkpoint, steps 9..12 only
+    assert f"process {i} restored step 8" in output, output[-3000:]
+    ran = [int(line.split()[3]) for line in output.splitlines()
+           if line.startswith(f"process {i} step ")]
+    assert ran == [9, 10, 11, 12], (i, ran)
   _assert_same_state(_state(whole), _state(broken))
 
 
 def _assert_written_once(job, method, processes):
-  """Process 0 opened the export files for writing; no other process opened any file there,
-  and every export file is unchanged since process 0 wrote it."""
+  """Exactly one PEFT adapter and one merged export: process 0 wrote each of their files
+  exactly once (Python opens and safetensors' native writes both logged); no other process
+  wrote, created or renamed anything there; every process, after the exports, and the test,
+  after the job ended, see the files unchanged since then (same mtimes)."""
   logs = [json.loads((job / f"{method}_writes_p{i}.json").read_text())
           for i in range(processes)]
+  expected = [f"{method}_adapter/adapter.safetensors",
+              f"{method}_adapter/adapter_config.json",
+              f"{method}_adapter/peft/adapter_config.json",
+              f"{method}_adapter/peft/adapter_model.safetensors",
+              f"{method}_merged.safetensors"]
   for i in range(1, processes):
     assert logs[i]["writes"] == [], (i, logs[i])
-    assert logs[i]["mtimes"] == logs[0]["mtimes"]
-  assert str(job / f"{method}_adapter" / "peft" / "adapter_config.json") in logs[0]["writes"]
+    assert logs[i]["mtimes"] == logs[0]["mtimes"], i
+  file_writes = sorted(os.path.relpath(p, job) for p in logs[0]["writes"]
+                       if not os.path.isdir(p))
+  assert file_writes == expected, logs[0]["writes"]  # each file once, nothing else
   names = sorted(os.path.relpath(p, job) for p in logs[0]["mtimes"])
-  assert names == [f"{method}_adapter/adapter.safetensors",
-                   f"{method}_adapter/adapter_config.json",
-                   f"{method}_adapter/peft/adapter_config.json",
-                   f"{method}_adapter/peft/adapter_model.safetensors",
-                   f"{method}_merged.safetensors"]
+  assert names == expected  # the files on disk: one adapter, one merged export
+  final = {str(p): p.stat().st_mtime_ns for p in (job / f"{method}_adapter").rglob("*")
+           if p.is_file()}
+  final[str(job / f"{method}_merged.safetensors")] = (
+      job / f"{method}_merged.safetensors").stat().st_mtime_ns
+  assert final == logs[0]["mtimes"]
 
 
 def _finetune(out, processes, port, i=0):

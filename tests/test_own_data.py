@@ -156,6 +156,80 @@ def test_load_texts_reads_parquet_dataset_like_and_integer_labels(tmp_path):
                          label_names=data.label_names, option="--validation")
 
 
+def test_load_texts_from_a_real_datasets_dataset():
+  """An in-memory ``datasets.Dataset`` (no download); skipped where ``datasets`` is not
+  installed (it is no dependency of jaxrank: any table with column access works)."""
+  datasets = pytest.importorskip("datasets")
+  rows = _rows(10)
+  ds = datasets.Dataset.from_dict({"review": [r["review"] for r in rows],
+                                   "sentiment": [r["sentiment"] for r in rows]})
+  data = datafiles.load_texts(ds, text_field="review", label_field="sentiment")
+  assert data.texts == [r["review"] for r in rows] and data.label_names == ("neg", "pos")
+  assert data.labels.tolist() == [int(r["sentiment"] == "pos") for r in rows]
+  with pytest.raises(ValueError, match="no column 'text'; its columns are review, sentiment"):
+    datafiles.load_texts(ds, text_field="text", label_field="sentiment")
+  with pytest.raises(ValueError, match=r"a dataset of splits \(train\).*ds\['train'\]"):
+    datafiles.load_texts(datasets.DatasetDict(train=ds), text_field="review",
+                         label_field="sentiment")
+
+
+class _Frame:
+  """A table that names its columns in ``columns`` (as pandas and polars do) and gives each
+  column as a Series-like object with ``to_list()`` (as polars does)."""
+
+  class _Series:
+    def __init__(self, values):
+      self._values = values
+
+    def to_list(self):
+      return list(self._values)
+
+  def __init__(self, columns):
+    self._columns = columns
+    self.columns = list(columns)
+
+  def __getitem__(self, name):
+    return self._Series(self._columns[name])
+
+
+def test_load_texts_from_tables_with_column_access():
+  import pandas as pd
+  import pyarrow as pa
+  texts, labels = ["x", "y", "z"], [2, 10, 2]
+  for table in (pd.DataFrame({"t": texts, "y": labels}), pa.table({"t": texts, "y": labels}),
+                _Frame({"t": texts, "y": labels}), {"t": np.array(texts), "y": np.array(labels)},
+                (pd.Series(texts), np.array(labels))):
+    data = datafiles.load_texts(table, text_field="t", label_field="y")
+    assert data.texts == texts and data.labels.tolist() == [0, 1, 0], type(table)
+    assert data.label_names == ("2", "10")
+  nulls = pa.table({"t": texts, "y": pa.array([1, None, 2])})  # Arrow nulls are empty labels
+  with pytest.raises(ValueError, match="has empty labels"):
+    datafiles.load_texts(nulls, text_field="t", label_field="y")
+
+
+@pytest.mark.parametrize("source, message", [
+    ([{"t": "x", "y": 1}], r"expected a file path, a table with column access .* got "
+                           r"builtins\.list"),
+    (object(), r"a table with column access .*got builtins\.object"),
+    ({"t": "one string", "y": [1]}, r"column 't' is one string"),
+    ({"t": ["x", "y"], "y": 7}, r"column 'y' \(int\) is not a sequence"),
+    ((["x", "y"],), r"a \(texts,\) tuple has no labels"),
+    (_Columns({"t": ["x"]}), r"no column 'y'; its columns are t"),
+])
+def test_load_texts_without_column_access_says_what_to_pass(source, message):
+  with pytest.raises(ValueError, match=message):
+    datafiles.load_texts(source, text_field="t", label_field="y")
+
+
+def test_finetune_texts_takes_lists_of_texts_for_every_causal_lm_split(folders):
+  texts = [r["review"] for r in _rows(16)]
+  run = jaxrank.finetune_texts(str(folders["llama"]), "lora", texts[:12],
+                               validation=texts[12:14], test=texts[14:], label_field=None,
+                               steps=2, batch_size=4, max_length=16, progress=False)
+  assert run.label_names is None and len(run.setup.eval_data["input_ids"]) == 2
+  assert {"eval_perplexity", "test_perplexity"} <= set(run.result.final_metrics)
+
+
 def test_stratified_holdout_is_seeded_and_keeps_every_class():
   labels = np.array([0] * 55 + [1] * 45)
   train, held = datafiles.stratified_holdout(labels, 100, 0.2, seed=3)
