@@ -327,17 +327,23 @@ def adalora(
 
     if orthogonalize:  # the live triplets as the exact SVD of each update (jaxrank)
       rotate = mask_event & collecting
-      rotated = {}
-      for layer in layers.values():
-        parts = [layer.down, layer.up, layer.gate]
-        stepped = [leaves[i] + update_leaves[i] for i in parts]
-        for i, old, new in zip(parts, stepped, _orthogonalize.svd_form(*stepped, split="values")):
-          rotated[i] = jnp.where(rotate, new - leaves[i], update_leaves[i]).astype(
-              update_leaves[i].dtype)
-      inner_updates = _tree.replace_leaves(inner_updates, rotated)
-      update_leaves = {**update_leaves, **rotated}
-      fresh = _orthogonalize.restart_moments(inner_optimizer.init(params), inner_state)
-      inner_state = jax.tree.map(lambda f, o: jnp.where(rotate, f, o), fresh, inner_state)
+
+      def rotated(given):
+        out = dict(given)
+        for layer in layers.values():
+          parts = (layer.down, layer.up, layer.gate)
+          stepped = [leaves[i] + given[i] for i in parts]
+          for i, new in zip(parts, _orthogonalize.svd_form(*stepped, split="values")):
+            out[i] = (new - leaves[i]).astype(given[i].dtype)
+        return out
+
+      factors = {i: update_leaves[i] for l in layers.values() for i in (l.down, l.up, l.gate)}
+      # jnp.where, not lax.cond: a cond around sharded SVDs deadlocked XLA:CPU's collectives
+      factors = jax.tree.map(lambda new, old: jnp.where(rotate, new, old), rotated(factors),
+                             factors)
+      inner_updates = _tree.replace_leaves(inner_updates, factors)
+      update_leaves = {**update_leaves, **factors}
+      inner_state = _orthogonalize.zero_first_moments(inner_state, rotate)
 
     b1 = jnp.asarray(beta1, jnp.float32)
     b2 = jnp.asarray(beta2, jnp.float32)

@@ -286,7 +286,7 @@ def alora(
       rounded, info = _alora_reallocation.prune_and_reallocate(
           adapter, stepped, scores, num_prune=n_a, rng=key, keep_budget=keep_budget)
       if orthogonalize:  # every live factor moved: zero the first moments
-        inner_state = _orthogonalize.restart_moments(inner.init(rounded), inner_state)
+        inner_state = _orthogonalize.zero_first_moments(inner_state)
       inner_state = _alora_reallocation.alora_reset_optimizer_state(
           adapter, inner_state, inner.init(rounded), rounded, info.added)
       added = slots.slot_masks_for_leaves(info.added)

@@ -164,24 +164,28 @@ def _harden_top(params, budget):
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
-def _rotate_factors(rotate, params, updates, inner_state, inner):
+def _rotate_factors(rotate, params, updates, inner_state):
   """Where ``rotate``: the stepped factors of every gated matrix in SVD form, first moments zeroed."""
   leaves, given = _tree.leaves_by_key(params), _tree.leaves_by_key(updates)
-  new = {}
-  for key in leaves:
-    if key[-1] != LOG_THETA or key[0] != _tree.GATES:
-      continue
-    a_key, b_key = (_tree.LORA, *key[1:-1], "A"), (_tree.LORA, *key[1:-1], "B")
-    if a_key not in leaves or b_key not in leaves:
-      continue
-    stepped = [leaves[k] + given[k] for k in (a_key, b_key)]
-    ones = jnp.ones(leaves[key].shape, stepped[0].dtype)  # every rank live
-    down, up, _ = _orthogonalize.svd_form(*stepped, ones, split="factors")
-    for k, v in ((a_key, down), (b_key, up)):
-      new[k] = jnp.where(rotate, v - leaves[k], given[k]).astype(given[k].dtype)
-  fresh = _orthogonalize.restart_moments(inner.init(params), inner_state)
-  inner_state = jax.tree.map(lambda f, o: jnp.where(rotate, f, o), fresh, inner_state)
-  return _tree.replace_leaves(updates, new), inner_state
+  pairs = [((_tree.LORA, *key[1:-1], "A"), (_tree.LORA, *key[1:-1], "B"), key) for key in leaves
+           if key[-1] == LOG_THETA and key[0] == _tree.GATES]
+  pairs = [(a, b, key) for a, b, key in pairs if a in leaves and b in leaves]
+
+  def rotated(factors):
+    out = {}
+    for a_key, b_key, key in pairs:
+      ones = jnp.ones(leaves[key].shape, factors[a_key].dtype)  # every rank live
+      stepped = [leaves[k] + factors[k] for k in (a_key, b_key)]
+      down, up, _ = _orthogonalize.svd_form(*stepped, ones, split="factors")
+      for k, v in ((a_key, down), (b_key, up)):
+        out[k] = (v - leaves[k]).astype(factors[k].dtype)
+    return out
+
+  factors = {k: given[k] for a_key, b_key, _ in pairs for k in (a_key, b_key)}
+  # jnp.where, not lax.cond: a cond around sharded SVDs deadlocked XLA:CPU's collectives
+  factors = jax.tree.map(lambda new, old: jnp.where(rotate, new, old), rotated(factors), factors)
+  return _tree.replace_leaves(updates, factors), _orthogonalize.zero_first_moments(
+      inner_state, rotate)
 
 
 def lagrangian_ascent(
@@ -303,8 +307,7 @@ def lagrangian_ascent(
     inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     if orthogonalize:
       rotate = count == jnp.asarray(t_start) - 1  # never at t_start = 0 (B = 0: nothing to do)
-      inner_updates, inner_state = _rotate_factors(rotate, params, inner_updates, inner_state,
-                                                   inner)
+      inner_updates, inner_state = _rotate_factors(rotate, params, inner_updates, inner_state)
     gate_updates, new_gate_state = gate_tx.update(updates, state.gate_state, params,
                                                   **extra_args)
     # jaxrank: the gate optimizer counts only window steps (a late window starts afresh)

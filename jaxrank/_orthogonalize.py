@@ -1,4 +1,4 @@
-"""The SVD form of an adapter's live ranks, and an optimizer restart that keeps the schedule.
+"""The SVD form of an adapter's live ranks, and the optimizer restart that goes with it.
 
 jaxrank's engineering, not in the papers. LoRA's doublets ``(a_i, b_i)`` are not orthogonal:
 after training, one direction of the update is often split over several ranks, and every rank
@@ -89,10 +89,10 @@ def svd_form(down: Array, up: Array, gate: Array, *, split: str):
   return new[0].reshape(down.shape), new[1].reshape(up.shape), new[2].reshape(gate.shape)
 
 
-def restart_moments(fresh_state, old_state):
-  """The optimizer state after a rotation of the parameters: every Adam first moment zeroed
-  (``fresh_state``'s, from ``inner.init(new_params)``), everything else of ``old_state`` kept:
-  second moments, counts, learning-rate schedules, injected hyperparameters.
+def zero_first_moments(state, when=True):
+  """The optimizer ``state`` after a rotation of the parameters: every Adam first moment zeroed
+  where ``when`` (a traced bool is fine), everything else kept: second moments, counts,
+  learning-rate schedules, injected hyperparameters.
 
   Stale momentum would push along the old basis; the kept second moments give the next
   steps a magnitude-aware size (``(1 − β₁) g / √v̂``, a tenth of a step at first). A full
@@ -102,16 +102,17 @@ def restart_moments(fresh_state, old_state):
 
   Example:
     >>> import jax.numpy as jnp, optax
-    >>> from jaxrank._orthogonalize import restart_moments
+    >>> from jaxrank._orthogonalize import zero_first_moments
     >>> tx = optax.adamw(optax.linear_schedule(1.0, 0.0, 10))
     >>> p = {"w": jnp.ones(2)}
     >>> s = tx.init(p)
     >>> for _ in range(4):
     ...   _, s = tx.update(p, s, p)
-    >>> r = restart_moments(tx.init(p), s)
+    >>> r = zero_first_moments(s)
     >>> float(r[0].mu["w"][0]), float(r[0].nu["w"][0]) > 0, int(r[0].count), int(r[-1].count)
     (0.0, True, 4, 4)
   """
   is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
-  return jax.tree.map(lambda f, o: o._replace(mu=f.mu) if is_adam(f) else o,
-                      fresh_state, old_state, is_leaf=is_adam)
+  zero = lambda m: jnp.where(when, jnp.zeros_like(m), m)
+  return jax.tree.map(lambda x: x._replace(mu=jax.tree.map(zero, x.mu)) if is_adam(x) else x,
+                      state, is_leaf=is_adam)

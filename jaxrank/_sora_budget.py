@@ -245,8 +245,7 @@ def sora_budget(
       full = jax.lax.cond(rotate, lambda p: sora_orthogonalize(p, collection, gate_name),
                           lambda p: p, full)
       inner_updates = jax.tree.map(lambda n, p: (n - p).astype(n.dtype), full, params)
-      fresh = _orthogonalize.restart_moments(inner.init(full), inner_state)
-      inner_state = jax.tree.map(lambda f, s: jnp.where(rotate, f, s), fresh, inner_state)
+      inner_state = _orthogonalize.zero_first_moments(inner_state, rotate)
       leaves_s = _tree.leaves_by_key(full)
     else:
       leaves_s = leaves_p

@@ -15,7 +15,7 @@ Eckart–Young cut of the concatenated spectra) and re-factor the survivors in b
 Shapes never change: a cut rank keeps zero factors and a 0 ``mask`` gate, and its updates are
 masked out, so the following *recovery* steps fine-tune only the ``b`` survivors. At the cut
 the inner optimizer's first moments are zeroed (they refer to the old, non-SVD basis); its
-second moments and learning-rate schedule continue (:func:`jaxrank._orthogonalize.restart_moments`).
+second moments and learning-rate schedule continue (:func:`jaxrank._orthogonalize.zero_first_moments`).
 
 :class:`SVDTruncation` is the adapter (LoRA plus a 0/1 ``mask`` per rank in ``gates``);
 :func:`svd_truncation` wraps the inner optimizer and performs the cut (:func:`svd_truncate`);
@@ -173,8 +173,7 @@ def svd_truncation(
     cut = state.count == cut_step
     new = jax.lax.cond(cut, lambda p: svd_truncate(p, budget, scale), lambda p: p, stepped)
     # jaxrank: the first moments refer to the old factor basis: zeroed (schedules continue)
-    fresh = _orthogonalize.restart_moments(inner.init(new), inner_state)
-    inner_state = jax.tree.map(lambda f, s: jnp.where(cut, f, s), fresh, inner_state)
+    inner_state = _orthogonalize.zero_first_moments(inner_state, cut)
     new_updates = jax.tree.map(lambda n, p: (n - p).astype(p.dtype), new, params)
     return new_updates, SvdTruncationState(optax.safe_increment(state.count), inner_state,
                                            state.nonfinite_count)

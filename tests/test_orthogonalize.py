@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import jaxrank
 from jaxrank import recipes
-from jaxrank._orthogonalize import restart_moments
+from jaxrank._orthogonalize import zero_first_moments
 from jaxrank._orthogonalize import svd_form
 
 
@@ -94,7 +94,7 @@ def test_restart_zeroes_first_moments_and_keeps_the_rest():
   state = tx.init(params)
   for _ in range(6):
     _, state = tx.update(params, state, params)
-  fresh = restart_moments(tx.init(params), state)
+  fresh = zero_first_moments(state)
   adam, schedule_state = fresh[0], fresh[-1]
   assert float(jnp.abs(adam.mu["w"]).sum()) == 0 and float(adam.nu["w"][0]) > 0
   assert int(adam.count) == 6 and int(schedule_state.count) == 6
